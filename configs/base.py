@@ -1,0 +1,88 @@
+"""Shared defaults of every allmrec-jax config (the paper's values).
+
+Not run directly: dataset configs (`configs/ml100k.py`, `configs/amazon_*.py`) start from
+`get_base_config()` and override what differs. Every field carries a comment.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0                      # global seed: init, shuffles, negatives, candidates
+  c.stages = "cf,stage1,stage2"   # comma list of stages to run (finished ones are skipped)
+  c.asset_cache_dir = ""          # offline asset cache ("" = $ALLMREC_CACHE or ~/.cache/allmrec_jax)
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "ml-100k"      # "ml-100k" | "amazon2018:DIR:Category" | "amazon2023:DIR:Category" | "atomic:DIR:name"
+  c.data.path = ""                # local path of the raw data ("" = the embedded asset)
+  c.data.data_dir = "~/.cache/allmrec_jax/processed"  # where processed datasets are written
+  c.data.min_count = 5            # single-pass >=k filter on raw user/item counts (paper code)
+  c.data.iterative_kcore = False  # True = iterate the filter to a fixed point (not the paper)
+  c.data.rating_threshold = 0.0   # keep interactions with rating >= this (Beauty/Toys: 3)
+  c.data.strict = False           # True = stop at the first malformed line (file:line)
+  c.data.candidate_seed = 2024    # seed of the stored 19/100-negative evaluation sets
+  c.data.maxlen = 50              # CF sequence length (SASRec maxlen)
+
+  # ---------------------------------------------------------------- mesh
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); -1 = the remaining devices
+  c.mesh.logical_axis_rules = None  # None = allmrec_jax.sharding.DEFAULT_RULES
+
+  # ---------------------------------------------------------------- stage 0: CF
+  c.cf = ml_collections.ConfigDict()
+  c.cf.model = "sasrec"           # sasrec | ncf | gru4rec | nextitnet
+  c.cf.hidden_dim = 50            # d
+  c.cf.num_blocks = 2             # SASRec blocks
+  c.cf.num_heads = 1              # SASRec heads
+  c.cf.dropout = 0.5              # dropout rate
+  c.cf.lr = 1e-3                  # Adam learning rate
+  c.cf.b1 = 0.9                   # Adam beta1
+  c.cf.b2 = 0.98                  # Adam beta2
+  c.cf.batch_size = 128           # sequences per step
+  c.cf.num_epochs = 200           # upper bound; early stopping on validation
+  c.cf.eval_every = 20            # epochs between validation passes
+  c.cf.patience = 3               # validation passes without improvement before stopping
+  c.cf.select_metric = "valid/ndcg@10_neg100"  # checkpoint-selection metric
+
+  # ---------------------------------------------------------------- SBERT
+  c.sbert = ml_collections.ConfigDict()
+  c.sbert.path = ""               # sentence-transformers dir ("" = embedded all-MiniLM-L6-v2)
+  c.sbert.max_len = 64            # token length of the padded item-text table
+
+  # ---------------------------------------------------------------- LLM
+  c.llm = ml_collections.ConfigDict()
+  c.llm.path = ""                 # HF dir or .gguf ("" = embedded SmolLM2-135M-Instruct)
+  c.llm.dtype = "float32"         # compute/param dtype (bfloat16 on accelerators)
+
+  # ---------------------------------------------------------------- stage 1
+  c.stage1 = ml_collections.ConfigDict()
+  c.stage1.latent_dim = 128       # joint collaborative-text embedding width
+  c.stage1.lr = 1e-4              # Adam learning rate
+  c.stage1.b1 = 0.9
+  c.stage1.b2 = 0.98
+  c.stage1.batch_size = 60        # users per step
+  c.stage1.num_epochs = 10
+  c.stage1.freeze_sbert = False   # the paper's "Freeze SBERT" ablation
+  c.stage1.w_rec = 1.0            # recommendation loss weight
+  c.stage1.w_match = 1.0          # matching loss weight
+  c.stage1.w_item_recon = 0.5     # item reconstruction loss weight
+  c.stage1.w_text_recon = 0.2     # text reconstruction loss weight
+
+  # ---------------------------------------------------------------- stage 2
+  c.stage2 = ml_collections.ConfigDict()
+  c.stage2.lr = 1e-4
+  c.stage2.b1 = 0.9
+  c.stage2.b2 = 0.98
+  c.stage2.batch_size = 4
+  c.stage2.num_epochs = 5
+  c.stage2.num_history = 10       # history items in the prompt
+  c.stage2.num_candidates = 20    # candidates in the prompt (target + 19 negatives)
+
+  # ---------------------------------------------------------------- evaluation
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_users = 10000        # paper: up to 10,000 test users
+  c.eval.max_new_tokens = 64      # generation length
+  c.eval.repetition_penalty = 1.5 # paper's generation setting
+  return c
