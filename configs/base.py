@@ -24,6 +24,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.strict = False           # True = stop at the first malformed line (file:line)
   c.data.candidate_seed = 2024    # seed of the stored 19/100-negative evaluation sets
   c.data.maxlen = 50              # CF sequence length (SASRec maxlen)
+  c.data.description_mode = "first"  # Amazon description list: "first" entry (paper code) | "join" all
+  c.data.skip_unknown_items = True   # skip (and count) reviews of items absent from the metadata
+  c.data.asset_cache_dir = ""     # asset cache for the embedded ml-100k ("" = assets default)
+  c.data.num_cold_users = 100     # MovieLens cold-user scenario: held-out users (seeded)
+  c.data.cold_fraction = 0.35     # cold/warm items: bottom/top fraction by interaction count
+  c.data.prefetch = 16            # grain read-ahead (batches) of the input pipelines; 0 = none
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
@@ -45,16 +51,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.cf.eval_every = 20            # epochs between validation passes
   c.cf.patience = 3               # validation passes without improvement before stopping
   c.cf.select_metric = "valid/ndcg@10_neg100"  # checkpoint-selection metric
+  c.cf.loss = "bce"               # bce (SASRec: pos label 1, one sampled neg label 0) | bpr
+  c.cf.maxlen = c.data.get_ref("maxlen")  # = data.maxlen (positions table of SASRec)
+  c.cf.conv_blocks = 5            # NextItNet residual blocks (RecBole default)
+  c.cf.dilations = (1, 4)         # NextItNet dilation cycle; a block uses d then 2d
+  c.cf.kernel_size = 3            # NextItNet causal conv width
+  c.cf.mlp_layers = 2             # NCF MLP tower depth (2D -> D -> D/2)
+  c.cf.drop_remainder = False     # False: last batch of an epoch padded (SASRec: 8 batches on ML-100K)
+  c.cf.grad_clip = 0.0            # global-norm gradient clipping (0 = off, as in SASRec)
+  c.cf.eval_batch_size = 256      # users per jitted evaluation chunk
+  c.cf.progress = True            # tqdm progress bar over epochs
 
   # ---------------------------------------------------------------- SBERT
   c.sbert = ml_collections.ConfigDict()
   c.sbert.path = ""               # sentence-transformers dir ("" = embedded all-MiniLM-L6-v2)
-  c.sbert.max_len = 64            # token length of the padded item-text table
+  c.sbert.max_len = 64            # token length of the padded item-text table (trimmed to
+                                  #   the longest item text, rounded up to 8, when shorter)
+  c.sbert.dtype = "float32"       # SBERT compute/param dtype
 
   # ---------------------------------------------------------------- LLM
   c.llm = ml_collections.ConfigDict()
   c.llm.path = ""                 # HF dir or .gguf ("" = embedded SmolLM2-135M-Instruct)
   c.llm.dtype = "float32"         # compute/param dtype (bfloat16 on accelerators)
+  c.llm.remat = False             # rematerialise each decoder layer in stage-2 training
 
   # ---------------------------------------------------------------- stage 1
   c.stage1 = ml_collections.ConfigDict()
@@ -69,6 +88,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1.w_match = 1.0          # matching loss weight
   c.stage1.w_item_recon = 0.5     # item reconstruction loss weight
   c.stage1.w_text_recon = 0.2     # text reconstruction loss weight
+  c.stage1.sbert_dropout = True   # SBERT in train mode (dropout) while fine-tuned, as the paper
+  c.stage1.max_steps = 0          # >0 stops after this many global steps (smoke runs)
+  c.stage1.checkpoint_every = 0   # steps between checkpoints (0 = at the end of each epoch)
+  c.stage1.log_every = 1          # steps between metrics.jsonl / TensorBoard records
+  c.stage1.eval_batch_size = 256  # items / users per batch when computing alignment metrics
+  c.stage1.cold_fraction = 0.35   # cold items = bottom 35% by interaction count (paper)
 
   # ---------------------------------------------------------------- stage 2
   c.stage2 = ml_collections.ConfigDict()
@@ -79,10 +104,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.num_epochs = 5
   c.stage2.num_history = 10       # history items in the prompt
   c.stage2.num_candidates = 20    # candidates in the prompt (target + 19 negatives)
+  c.stage2.positions_per_user = 1 # target positions per user (1 = the paper: last training item)
+  c.stage2.max_steps = 0          # stop after this many steps (0 = num_epochs epochs)
+  c.stage2.max_title_tokens = 32  # titles are cut to this many tokens (counted)
+  c.stage2.len_bucket = 32        # prompt lengths are padded to a multiple of this
+  c.stage2.log_every = 10         # steps between metric lines
+  c.stage2.ckpt_every = 100       # steps between checkpoints (and at every epoch end)
+  c.stage2.item_source = "joint"  # F_I input: joint (paper) | text (A-LLMRec SBERT) | cf (MLP-LLM) | random
+  c.stage2.use_user = True        # False = the "w/o user representation" ablation
+  c.stage2.use_items = True       # False = the "w/o joint embeddings" ablation
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()
   c.eval.max_users = 10000        # paper: up to 10,000 test users
   c.eval.max_new_tokens = 64      # generation length
   c.eval.repetition_penalty = 1.5 # paper's generation setting
+  c.eval.split = "test"           # which target to evaluate (valid | test)
+  c.eval.batch_size = 8           # users per LLM evaluation batch
+  c.eval.baselines = "cf,llm_only,mlp_llm"  # baselines scored on the same users/candidates
+  c.eval.num_examples = 5         # users whose prompt/answer go into results.md
   return c

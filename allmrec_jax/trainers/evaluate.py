@@ -1,0 +1,215 @@
+"""Evaluation of stage 2 and its baselines on one fixed set of users and candidates.
+
+Every model (the CF backbone, LLM-Only, MLP-LLM, A-LLMRec) is scored on the same
+`EvalSet`: the stored 20 candidates per user (column 0 = target), shown to the LLM in a
+fixed seeded order. Two LLM protocols:
+
+- ranking: log p(candidate answer | prompt) for each of the 20 candidates ('"title"' +
+  EOS), the prompt run once per user, the candidates scored against its KV cache in one
+  pass -> `hit@k`, `ndcg@k`, `mrr`; the length-normalised score (mean token
+  log-prob) gives the same metrics with the suffix `_lnorm`;
+- generation (the paper's): greedy decoding; `gen_hit@1` = the normalised target title
+  occurs in the normalised generated text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from allmrec_jax import common_types as ct
+from allmrec_jax import generate as generate_lib
+from allmrec_jax import metrics as metrics_lib
+from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.data import prompts as prompts_lib
+from allmrec_jax.data import sampling
+from allmrec_jax.models import soft_prompt
+
+RANK_KS = (1, 3, 5, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """users int32[B]; seq int32[B, maxlen] CF input; history int32[B, H];
+  candidates int32[B, C] (column 0 = target); order int32[B, C] the prompt order
+  (prompt slot j shows candidates[b, order[b, j]]); targets int32[B]."""
+  users: np.ndarray
+  seq: np.ndarray
+  history: np.ndarray
+  candidates: np.ndarray
+  order: np.ndarray
+
+  @property
+  def targets(self) -> np.ndarray:
+    return self.candidates[:, 0]
+
+  @property
+  def prompt_candidates(self) -> np.ndarray:
+    return np.take_along_axis(self.candidates, self.order, axis=1)
+
+  def unpermute(self, prompt_scores: np.ndarray) -> np.ndarray:
+    """float[B, C] scores in prompt order -> candidate order (target in column 0)."""
+    out = np.empty_like(prompt_scores)
+    np.put_along_axis(out, self.order, prompt_scores, axis=1)
+    return out
+
+  def take(self, idx) -> "EvalSet":
+    return EvalSet(self.users[idx], self.seq[idx], self.history[idx],
+                   self.candidates[idx], self.order[idx])
+
+
+def make_eval_set(ds: dataset_lib.RecDataset, split: str, *, maxlen: int, num_history: int,
+                  max_users: int, seed: int, users: np.ndarray | None = None) -> EvalSet:
+  """The users with a `split` target (a seeded subset of `max_users` when there are more),
+  their CF input, prompt history and stored candidates in a seeded prompt order."""
+  all_users = ds.eval_users(split) if users is None else np.asarray(users, np.int32)
+  if 0 < max_users < len(all_users):
+    keys = sampling.hash_u64(31, seed, all_users)
+    all_users = np.sort(all_users[np.argsort(keys, kind="stable")[:max_users]])
+  seq = ds.history_matrix(split, maxlen)[all_users]
+  cands = ds.candidates(split)[all_users]
+  order = np.argsort(sampling.hash_u64(32, seed, all_users[:, None],
+                                       np.arange(cands.shape[1])[None, :]), axis=1,
+                     kind="stable").astype(np.int32)
+  return EvalSet(all_users.astype(np.int32), seq, seq[:, -num_history:], cands, order)
+
+
+def cf_scores(cf_model, cf_params, es: EvalSet, batch: int = 1024) -> np.ndarray:
+  """float[B, C] the CF backbone's scores of the candidates (candidate order)."""
+  fn = jax.jit(lambda p, s, c: cf_model.apply(p, s, c, method=cf_model.score))
+  return np.concatenate([np.asarray(fn(cf_params, es.seq[i:i + batch],
+                                       es.candidates[i:i + batch]))
+                         for i in range(0, len(es.users), batch)], 0)
+
+
+def ranking_metrics(scores: np.ndarray, prefix: str, suffix: str = "") -> dict[str, float]:
+  return metrics_lib.ranking_metrics(np.asarray(scores, np.float64), RANK_KS, prefix,
+                                     suffix=suffix)
+
+
+class LLMEvaluator:
+  """Ranks candidates by likelihood and generates answers with one frozen LLM.
+
+  Args:
+    llm, llm_params: the decoder and {"params": ...}.
+    tokenizer: decodes generated ids.
+    builder: the PromptBuilder of the dataset.
+    titles: item titles (for the generation match).
+    projectors, proj_params, item_table: the soft-prompt parts (None for LLM-Only).
+    soft: A-LLMRec prompt with soft tokens (False: the plain text prompt of LLM-Only).
+  """
+
+  def __init__(self, *, llm, llm_params, tokenizer, builder: prompts_lib.PromptBuilder,
+               titles, projectors=None, proj_params=None, item_table=None, soft=True,
+               use_user=True, use_items=True, batch_size=8, max_new_tokens=64,
+               repetition_penalty=1.5, eos_ids=None):
+    self.llm, self.llm_params, self.tokenizer = llm, llm_params, tokenizer
+    self.builder, self.titles, self.soft = builder, titles, soft
+    self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+    self.repetition_penalty = repetition_penalty
+    self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_token_id,)
+    self.proj_params = proj_params
+    self.item_table = None if item_table is None else jnp.asarray(item_table, jnp.float32)
+    use_user, use_items = use_user and soft, use_items and soft
+
+    def embeds_fn(proj_params, llm_params, item_table, batch):
+      if projectors is None:
+        return llm.apply(llm_params, batch["input_ids"], method=llm.embed)
+      return soft_prompt.soft_prompt_embeds(llm, llm_params, projectors, proj_params,
+                                            item_table, batch, use_user=use_user,
+                                            use_items=use_items)
+
+    def score_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask):
+      embeds = embeds_fn(proj_params, llm_params, item_table, batch)
+      return generate_lib.score_continuations_fn(llm, llm_params, None, embeds,
+                                                 batch["attention_mask"], cont_ids,
+                                                 cont_mask)
+
+    self._embeds = jax.jit(embeds_fn)
+    self._score = jax.jit(score_fn)
+
+  def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str) -> dict:
+    cands = es.prompt_candidates if task == "recommend" else None
+    pb = self.builder.build(es.history, cands, None, soft=self.soft, padding="left",
+                            task=task).arrays()
+    pb["user_rep"] = (np.zeros((len(es.users), 1), np.float32) if user_rep is None
+                      else user_rep.astype(np.float32))
+    return {k: jnp.asarray(v) for k, v in pb.items()}
+
+  def _pad(self, es: EvalSet, user_rep):
+    """Pads the last batch by repeating row 0 (static shapes); returns the real count."""
+    n = len(es.users)
+    if n == self.batch_size:
+      return es, user_rep, n
+    idx = np.concatenate([np.arange(n), np.zeros(self.batch_size - n, np.int64)])
+    return es.take(idx), (None if user_rep is None else user_rep[idx]), n
+
+  def evaluate(self, es: EvalSet, user_rep: np.ndarray | None, *, rank: bool = True,
+               generate: bool = True, desc: str = "eval") -> dict[str, Any]:
+    """Returns {"scores": float[B,C], "scores_lnorm": ..., "texts": [str], "gen_hit": float[B]}
+    (candidate order: the target is column 0)."""
+    sums, means, texts = [], [], []
+    bs = self.batch_size
+    for i in tqdm.trange(0, len(es.users), bs, desc=desc, leave=False):
+      sub, rep, n = self._pad(es.take(slice(i, i + bs)),
+                              None if user_rep is None else user_rep[i:i + bs])
+      batch = self._batch(sub, rep, "recommend")
+      if rank:
+        cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates)
+        s, cnt = self._score(self.proj_params, self.llm_params, self.item_table, batch,
+                             jnp.asarray(cont_ids), jnp.asarray(cont_mask))
+        s, cnt = np.asarray(s)[:n], np.asarray(cnt)[:n]
+        sums.append(sub.take(slice(0, n)).unpermute(s))
+        means.append(sub.take(slice(0, n)).unpermute(s / np.maximum(cnt, 1)))
+      if generate:
+        texts.extend(self._generate(batch)[:n])
+    out: dict[str, Any] = {"texts": texts}
+    if rank:
+      out["scores"] = np.concatenate(sums, 0)
+      out["scores_lnorm"] = np.concatenate(means, 0)
+    if generate:
+      out["gen_hit"] = generation_hits(texts, [self.titles[t] for t in es.targets])
+    return out
+
+  def _generate(self, batch: dict) -> list[str]:
+    embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)
+    out = generate_lib.generate(
+        self.llm, self.llm_params, inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
+        eos_id=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id),
+        repetition_penalty=self.repetition_penalty)
+    toks = np.asarray(out.tokens)
+    lens = np.asarray(out.lengths)
+    return [self.tokenizer.decode(toks[b, :lens[b]], skip_special_tokens=True)
+            for b in range(toks.shape[0])]
+
+  def generate_texts(self, es: EvalSet, user_rep: np.ndarray | None, task: str = "genre",
+                     desc: str = "generate") -> list[str]:
+    texts = []
+    for i in tqdm.trange(0, len(es.users), self.batch_size, desc=desc, leave=False):
+      sub, rep, n = self._pad(es.take(slice(i, i + self.batch_size)),
+                              None if user_rep is None else user_rep[i:i + self.batch_size])
+      texts.extend(self._generate(self._batch(sub, rep, task))[:n])
+    return texts
+
+
+def generation_hits(texts: list[str], target_titles: list[str]) -> np.ndarray:
+  """float[B]: 1 where the normalised target title occurs in the normalised text."""
+  return np.asarray([float(prompts_lib.normalize_title(t) in prompts_lib.normalize_title(x))
+                     for x, t in zip(texts, target_titles)], np.float32)
+
+
+def llm_metrics(result: dict[str, Any], prefix: str = "test/") -> dict[str, float]:
+  out = {}
+  if "scores" in result:
+    out.update(ranking_metrics(result["scores"], prefix))
+    out.update(ranking_metrics(result["scores_lnorm"], prefix, suffix="_lnorm"))
+  if "gen_hit" in result:
+    out[f"{prefix}gen_hit@1"] = float(np.mean(result["gen_hit"])) if len(result["gen_hit"]) else 0.0
+  return out

@@ -1,0 +1,176 @@
+"""The whole method in order: data -> CF (stage 0) -> stage 1 -> stage 2 -> evaluation.
+
+`train_and_evaluate(config, workdir)` runs the stages named in `config.stages`; a stage
+whose outputs exist is restored, not rerun, and an interrupted stage resumes from its
+latest checkpoint. Outputs under `workdir`: `cf/`, `stage1/`, `stage2/` (+ `stage2_mlp_llm/`),
+`stage2/metrics.json` (A-LLMRec under `test/...`, each baseline under
+`baselines/<name>/test/...`), `results.md` and `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allmrec_jax import sharding
+from allmrec_jax.data import prompts as prompts_lib
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import stage2 as stage2_lib
+
+
+def _stages(config) -> list[str]:
+  stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+  known = ("cf", "stage1", "stage2")
+  bad = [s for s in stages if s not in known]
+  if bad:
+    raise ValueError(f"--config.stages: unknown stage(s) {bad}; known: {list(known)}")
+  return stages
+
+
+def save_config(config, workdir: pathlib.Path):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
+  """The dataset's PromptBuilder for this tokenizer (BOS as the tokenizer itself adds it)."""
+  probe = tokenizer("a")["input_ids"]
+  add_bos = bool(probe) and tokenizer.bos_token_id is not None and \
+      probe[0] == tokenizer.bos_token_id
+  builder = prompts_lib.PromptBuilder(
+      tokenizer, ds.titles, ds.domain, max_title_tokens=cfg.max_title_tokens,
+      add_bos=add_bos, eos_id=tokenizer.eos_token_id,
+      slot_id=tokenizer.pad_token_id, pad_id=tokenizer.pad_token_id,
+      len_bucket=cfg.len_bucket)
+  if builder.num_truncated_titles:
+    logging.info("prompts: %d titles cut to %d tokens (config.stage2.max_title_tokens)",
+                 builder.num_truncated_titles, cfg.max_title_tokens)
+  return builder
+
+
+def item_table_for(source: str, tables: dict[str, np.ndarray], seed: int) -> np.ndarray:
+  """The item table fed to F_I: joint (paper), text (A-LLMRec SBERT), cf (MLP-LLM), random."""
+  if source == "random":
+    like = tables["joint"]
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=like.shape).astype(np.float32)   # same range as sigmoid codes
+  if source not in tables:
+    raise ValueError(f"config.stage2.item_source={source!r}; known: "
+                     f"{sorted(tables) + ['random']}")
+  return np.asarray(tables[source], np.float32)
+
+
+def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
+               tables: dict[str, np.ndarray], mesh=None, rules=None) -> dict:
+  """Trains A-LLMRec's projectors (and MLP-LLM's, if a baseline), evaluates everything,
+  writes `stage2/metrics.json` and `results.md`; returns the metrics."""
+  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+  out_path = workdir / "stage2" / "metrics.json"
+  if out_path.exists():
+    logging.info("stage2: %s exists; skipping (delete it to re-evaluate)", out_path)
+    return json.loads(out_path.read_text())
+  cfg, ecfg = config.stage2, config.eval
+  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype, mesh=mesh,
+                                rules=rules, remat=config.llm.remat)
+  llm, tok = loaded.module, loaded.tokenizer
+  llm_params = {"params": loaded.params}
+  builder = prompt_builder(ds, tok, cfg)
+  rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_params, seq)
+  baselines = [b.strip() for b in str(ecfg.baselines).split(",") if b.strip()]
+
+  def train_variant(name, source, use_user=True, use_items=True):
+    table = item_table_for(source, tables, config.seed)
+    params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
+                              tokenizer=tok, builder=builder, user_rep_fn=rep_fn,
+                              item_table=table, name=name, mesh=mesh, rules=rules,
+                              use_user=use_user, use_items=use_items)
+    return params, table
+
+  es = eval_lib.make_eval_set(ds, ecfg.split, maxlen=config.data.maxlen,
+                              num_history=cfg.num_history, max_users=ecfg.max_users,
+                              seed=config.data.candidate_seed)
+  user_rep = rep_fn(es.seq)
+  prefix = f"{ecfg.split}/"
+  metrics: dict[str, float] = {"eval/num_users": float(len(es.users))}
+  common = dict(llm=llm, llm_params=llm_params, tokenizer=tok, builder=builder,
+                titles=ds.titles, batch_size=ecfg.batch_size,
+                max_new_tokens=ecfg.max_new_tokens,
+                repetition_penalty=ecfg.repetition_penalty)
+  projectors_of = lambda table: projectors_lib.Stage2Projectors(
+      table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
+
+  # A-LLMRec.
+  params, table = train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
+  t0 = time.perf_counter()
+  ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
+                             item_table=table, use_user=cfg.use_user,
+                             use_items=cfg.use_items, **common)
+  res = ev.evaluate(es, user_rep, desc="eval A-LLMRec")
+  metrics.update(eval_lib.llm_metrics(res, prefix))
+  metrics["eval/users_per_s"] = len(es.users) / (time.perf_counter() - t0)
+  examples = {"A-LLMRec": res}
+
+  for name in baselines:
+    bp = f"baselines/{name}/{prefix}"
+    if name == "cf":
+      metrics.update(eval_lib.ranking_metrics(
+          eval_lib.cf_scores(cf_model, cf_params, es), bp))
+    elif name == "llm_only":
+      ev0 = eval_lib.LLMEvaluator(soft=False, **common)
+      r = ev0.evaluate(es, None, desc="eval LLM-Only")
+      metrics.update(eval_lib.llm_metrics(r, bp))
+      examples["LLM-Only"] = r
+    elif name == "mlp_llm":
+      p_m, t_m = train_variant("stage2_mlp_llm", "cf")
+      ev1 = eval_lib.LLMEvaluator(projectors=projectors_of(t_m), proj_params=p_m,
+                                  item_table=t_m, **common)
+      r = ev1.evaluate(es, user_rep, desc="eval MLP-LLM")
+      metrics.update(eval_lib.llm_metrics(r, bp))
+      examples["MLP-LLM"] = r
+    else:
+      raise ValueError(f"config.eval.baselines: unknown baseline {name!r}; known: "
+                       "cf, llm_only, mlp_llm")
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  out_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+  write_results(workdir / "results.md", metrics, baselines, prefix, es, builder, ds,
+                examples, ecfg.num_examples)
+  return metrics
+
+
+def results_table(metrics: dict, baselines: list[str], prefix: str) -> str:
+  keys = ["hit@1", "hit@3", "hit@5", "ndcg@5", "ndcg@10", "mrr", "hit@1_lnorm", "gen_hit@1"]
+  rows = [("A-LLMRec", "")] + [({"cf": "CF backbone", "llm_only": "LLM-Only",
+                                  "mlp_llm": "MLP-LLM"}.get(b, b), f"baselines/{b}/")
+                                 for b in baselines]
+  lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  for label, base in rows:
+    vals = [metrics.get(f"{base}{prefix}{k}") for k in keys]
+    lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.4f}"
+                                              for v in vals) + " |")
+  return "\n".join(lines)
+
+
+def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, ds, examples,
+                  num_examples: int):
+  parts = [f"# A-LLMRec results ({ds.name}, {int(metrics['eval/num_users'])} users, "
+           f"20 candidates)", "", results_table(metrics, baselines, prefix), ""]
+  for name, res in examples.items():
+    if not res.get("texts"):
+      continue
+    parts.append(f"## {name}: examples")
+    for b in range(min(num_examples, len(es.users))):
+      text = builder.prompt_text(es.history[b], es.prompt_candidates[b], ds.titles,
+                                 soft=name != "LLM-Only", user_token="[UserRep]")
+      parts += [f"- user {int(es.users[b])}", f"  - prompt: `{text}`",
+                f"  - generated: `{res['texts'][b]}`",
+                f"  - target: `{ds.titles[int(es.targets[b])]}`"]
+    parts.append("")
+  path.write_text("\n".join(parts))

@@ -1,0 +1,318 @@
+"""Stage 2: the frozen LLM learns to use the joint embeddings (soft prompts).
+
+Trainable: the projectors {"user_proj": F_U, "item_proj": F_I}. Frozen and passed as a
+separate argument: the LLM parameters and the item table fed to F_I (the stage-1 joint
+embeddings e_i = f_I^enc(E_i), computed once). The CF model is frozen too, so the user
+representations x_u are computed once per example (`user_representations`).
+
+Loss: causal-LM cross-entropy on the target title tokens and EOS only; the LM head is
+applied only at those positions (B x Tt rows instead of B x L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from allmrec_jax import common_types as ct
+from allmrec_jax import sharding
+from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.data import prompts as prompts_lib
+from allmrec_jax.data import sampling
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.models import soft_prompt
+
+PyTree = ct.PyTree
+
+
+# ---------------------------------------------------------------------------- loss / step
+def lm_loss(proj_params: PyTree, llm_params: PyTree, item_table: jax.Array,
+            batch: dict[str, jax.Array], *, llm: nn.Module, projectors: nn.Module,
+            use_user: bool = True, use_items: bool = True) -> tuple[jax.Array, dict]:
+  """Mean token cross-entropy of the target title + EOS given the soft prompt.
+
+  loss = sum_{b,t} w[b,t] * -log p(target[b,t] | prefix) / sum_{b,t} w[b,t]
+  (the token-mean of transformers' causal-LM loss with the prompt labels masked).
+
+  Args:
+    proj_params: {"params": {"user_proj", "item_proj"}} (differentiated).
+    llm_params: {"params": ...} of the frozen LLM.
+    item_table: float[N+1, K] item embeddings fed to F_I.
+    batch: PromptBatch arrays + "user_rep" float[B, D].
+  Returns:
+    (loss, {"tokens": number of target tokens}).
+  """
+  embeds = soft_prompt.soft_prompt_embeds(llm, llm_params, projectors, proj_params,
+                                          item_table, batch, use_user=use_user,
+                                          use_items=use_items)
+  _, aux = llm.apply(llm_params, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                     compute_logits=False)
+  hidden = jnp.take_along_axis(aux["hidden"], batch["target_pos"][..., None], axis=1)
+  logits = llm.apply(llm_params, hidden, method=llm.logits).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_ids"])
+  w = batch["target_mask"].astype(jnp.float32)
+  n = jnp.sum(w)
+  return jnp.sum(ce * w) / jnp.maximum(n, 1.0), {"tokens": n}
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
+
+
+def train_step(state: dict, llm_params: PyTree, item_table: jax.Array,
+               batch: dict[str, jax.Array], *, llm, projectors, optimizer, use_user,
+               use_items) -> tuple[dict, dict]:
+  """One Adam step on the projectors. state = {"params", "opt_state", "step"}."""
+  grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+  (loss, aux), grads = grad_fn(state["params"], llm_params, item_table, batch, llm=llm,
+                               projectors=projectors, use_user=use_user,
+                               use_items=use_items)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"train/loss": loss, "train/tokens": aux["tokens"],
+             "train/grad_norm": optax.global_norm(grads)}
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def init_projectors(projectors: nn.Module, rng: jax.Array, item_dim: int,
+                    user_dim: int) -> PyTree:
+  return nn.unbox(projectors.init(rng, jnp.zeros((1, item_dim)), jnp.zeros((1, user_dim))))
+
+
+# ---------------------------------------------------------------------------- examples
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Training examples of stage 2 (one per user and target position).
+
+  users:   int32[X] user of each example
+  history: int32[X, H] the last H items before the target (0 = absent, left-padded)
+  seq:     int32[X, maxlen] CF input for x_u (left-padded)
+  targets: int32[X] target item
+  """
+  users: np.ndarray
+  history: np.ndarray
+  seq: np.ndarray
+  targets: np.ndarray
+
+
+def training_examples(ds: dataset_lib.RecDataset, *, maxlen: int, num_history: int,
+                      positions_per_user: int = 1,
+                      users: np.ndarray | None = None) -> Examples:
+  """The paper's examples: target = last training item, input = the items before it.
+
+  positions_per_user > 1 also uses the k-th last training items as targets (k <= P).
+  """
+  starts, ends = ds.train_bounds()
+  if users is None:
+    users = np.arange(ds.num_users)
+  users = np.asarray(users, np.int64)
+  rows_u, rows_end = [], []
+  for k in range(1, positions_per_user + 1):
+    end = ends[users] - k                      # input = items[start:end], target items[end]
+    ok = end - starts[users] >= 1
+    rows_u.append(users[ok])
+    rows_end.append(end[ok])
+  u = np.concatenate(rows_u)
+  end = np.concatenate(rows_end)
+  seq = dataset_lib.left_pad(starts[u], end, ds.seq_items, maxlen)
+  return Examples(users=u.astype(np.int32), history=seq[:, -num_history:],
+                  seq=seq, targets=ds.seq_items[end].astype(np.int32))
+
+
+def sample_candidates(ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex,
+                      users: np.ndarray, targets: np.ndarray, example_ids: np.ndarray,
+                      num_candidates: int, seed: int, epoch: int) -> np.ndarray:
+  """int32[B, C]: the target + C-1 negatives outside the user's history, shuffled.
+
+  Keyed by (seed, epoch, example id) only, so a resumed epoch draws the same sets.
+  """
+  draw = sampling.hashed_draw(ds.num_items, seed, epoch, example_ids, stream=21)
+  negs = sampling.sample_excluding(users, num_candidates - 1, index, draw, distinct=True,
+                                   fallback_seed=seed + epoch)
+  cands = np.concatenate([targets[:, None], negs], axis=1)
+  return shuffle_rows(cands, sampling.hash_u64(22, seed, epoch, example_ids[:, None],
+                                               np.arange(num_candidates)[None, :]))
+
+
+def shuffle_rows(x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+  """Permutes each row of x by the order of its random keys."""
+  return np.take_along_axis(x, np.argsort(keys, axis=1, kind="stable"), axis=1)
+
+
+def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
+  return np.argsort(sampling.hash_u64(23, seed, epoch, np.arange(num)), kind="stable")
+
+
+def user_representations(cf_model, cf_params, seq: np.ndarray, batch: int = 1024) -> np.ndarray:
+  """float32[X, D] x_u = the frozen CF model's user representation of each sequence."""
+  fn = jax.jit(lambda p, s: cf_model.apply(p, s, method=cf_model.user_representation))
+  out = [np.asarray(fn(cf_params, seq[i:i + batch])) for i in range(0, len(seq), batch)]
+  return np.concatenate(out, 0) if out else np.zeros((0, 0), np.float32)
+
+
+def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.PromptBuilder,
+                    ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex, *,
+                    batch_size: int, num_candidates: int, seed: int, epoch: int,
+                    start_batch: int = 0, soft: bool = True,
+                    shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, dict]]:
+  """Yields (batch index, arrays) of one epoch, from `start_batch` (resume).
+
+  The last incomplete batch is dropped (static shapes). `shard` = (process index, count):
+  each host builds its slice of every global batch.
+  """
+  order = epoch_order(len(ex.users), seed, epoch)
+  n_batches = len(order) // batch_size
+  pi, pc = shard
+  per_host = batch_size // pc
+  for j in range(start_batch, n_batches):
+    sel = order[j * batch_size + pi * per_host: j * batch_size + (pi + 1) * per_host]
+    cands = sample_candidates(ds, index, ex.users[sel], ex.targets[sel], sel,
+                              num_candidates, seed, epoch)
+    pb = builder.build(ex.history[sel], cands, ex.targets[sel], soft=soft, padding="right")
+    arrays = pb.arrays()
+    arrays["user_rep"] = user_rep[sel].astype(np.float32)
+    yield j, arrays
+
+
+# ---------------------------------------------------------------------------- trainer
+class Stage2Trainer:
+  """Builds the jitted step with explicit shardings and runs epochs with checkpoints."""
+
+  def __init__(self, *, llm, llm_params, projectors, item_table, optimizer, mesh=None,
+               rules=None, use_user=True, use_items=True):
+    self.llm, self.projectors, self.optimizer = llm, projectors, optimizer
+    self.mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    self.rules = rules
+    self.llm_params = llm_params
+    self.item_table = jax.device_put(jnp.asarray(item_table, jnp.float32),
+                                     sharding.replicated(self.mesh))
+    step = functools.partial(train_step, llm=llm, projectors=projectors,
+                             optimizer=optimizer, use_user=use_user, use_items=use_items)
+    self._step = jax.jit(step, donate_argnums=(0,))
+    self.compiled_shapes: set[tuple] = set()
+
+  def init_state(self, proj_params: PyTree) -> dict:
+    rep = sharding.replicated(self.mesh)
+    params = jax.device_put(proj_params, rep)
+    return {"params": params, "opt_state": jax.device_put(self.optimizer.init(params), rep),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
+
+  def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    out = {}
+    for k, v in arrays.items():
+      s = sharding.batch_sharding(self.mesh, v.ndim)
+      if v.shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
+        s = sharding.replicated(self.mesh)
+      out[k] = jax.make_array_from_process_local_data(s, v) if jax.process_count() > 1 \
+          else jax.device_put(v, s)
+    return out
+
+  def step(self, state: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    self.compiled_shapes.add(arrays["input_ids"].shape)
+    batch = self.put_batch(arrays)
+    with sharding.activate(self.mesh, self.rules):
+      return self._step(state, self.llm_params, self.item_table, batch)
+
+
+def _jsonl(path: pathlib.Path, row: dict):
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+
+
+def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm, llm_params,
+          tokenizer, builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
+          name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
+          use_items: bool = True, users: np.ndarray | None = None) -> PyTree:
+  """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params.
+
+  Args:
+    config: the full config (uses `config.stage2`, `config.data.maxlen`, `config.seed`).
+    ds: the dataset; `users` restricts training to a subset (few-shot).
+    llm, llm_params, tokenizer: the frozen LLM.
+    builder: the PromptBuilder of `ds`.
+    user_rep_fn: seq int32[X, maxlen] -> float32[X, D] (the frozen CF model).
+    item_table: float[N+1, K] fed to F_I (joint embeddings; CF table for MLP-LLM).
+  """
+  from allmrec_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  cfg = config.stage2
+  out_dir = pathlib.Path(workdir) / name
+  out_dir.mkdir(parents=True, exist_ok=True)
+  ex = training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
+                         positions_per_user=cfg.positions_per_user, users=users)
+  user_rep = user_rep_fn(ex.seq)
+  starts, ends = ds.train_bounds()
+  index = sampling.ExclusionIndex.from_ranges(starts, ends, ds.seq_items, ds.num_items)
+  llm_dim = llm.config.hidden_size
+  projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
+  trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
+                          item_table=item_table, optimizer=make_optimizer(cfg), mesh=mesh,
+                          rules=rules, use_user=use_user, use_items=use_items)
+  state = trainer.init_state(init_projectors(projectors, jax.random.PRNGKey(config.seed),
+                                             item_table.shape[1], user_rep.shape[1]))
+  manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1)
+  epoch, start_batch = 0, 0
+  restored = checkpointing.restore(manager, abstract={"params": state["params"],
+                                                      "opt_state": state["opt_state"]})
+  if restored is not None:
+    state = {"params": restored["params"], "opt_state": restored["opt_state"],
+             "step": jax.device_put(jnp.asarray(restored["step"], jnp.int32),
+                                    sharding.replicated(trainer.mesh))}
+    epoch, start_batch = restored["extra"]["epoch"], restored["extra"]["next_batch"]
+    logging.info("%s: resumed at step %d (epoch %d, batch %d)", name, restored["step"],
+                 epoch, start_batch)
+  n_batches = len(ex.users) // cfg.batch_size
+  if n_batches == 0:
+    raise ValueError(f"stage2: {len(ex.users)} training examples < batch size "
+                     f"{cfg.batch_size} (config.stage2.batch_size)")
+  max_steps = cfg.num_epochs * n_batches
+  if cfg.max_steps > 0:
+    max_steps = min(max_steps, cfg.max_steps)
+  step = int(state["step"])
+  bar = tqdm.tqdm(total=max_steps, initial=step, desc=name, dynamic_ncols=True)
+  t_last, tok_acc = time.perf_counter(), 0.0
+  shard = (jax.process_index(), jax.process_count())
+  while step < max_steps and epoch < cfg.num_epochs:
+    for j, arrays in iterate_batches(ex, user_rep, builder, ds, index,
+                                     batch_size=cfg.batch_size,
+                                     num_candidates=cfg.num_candidates, seed=config.seed,
+                                     epoch=epoch, start_batch=start_batch, shard=shard):
+      state, metrics = trainer.step(state, arrays)
+      step += 1
+      tok_acc += float(arrays["attention_mask"].sum())
+      bar.update(1)
+      if step % cfg.log_every == 0 or step == max_steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t_last
+        m["train/nonpad_tokens_per_s"] = tok_acc / max(dt, 1e-9)
+        t_last, tok_acc = time.perf_counter(), 0.0
+        bar.set_postfix(loss=f"{m['train/loss']:.3f}",
+                        tok_s=f"{m['train/nonpad_tokens_per_s']:.0f}")
+        _jsonl(out_dir / "metrics.jsonl", {"step": step, "epoch": epoch, **m})
+      last = j + 1 == n_batches
+      if step % cfg.ckpt_every == 0 or last or step == max_steps:
+        nxt_epoch, nxt_batch = (epoch + 1, 0) if last else (epoch, j + 1)
+        checkpointing.save(manager, step, params=state["params"],
+                           opt_state=state["opt_state"],
+                           extra={"epoch": nxt_epoch, "next_batch": nxt_batch})
+      if step >= max_steps:
+        break
+    else:
+      epoch, start_batch = epoch + 1, 0
+      continue
+    break
+  bar.close()
+  logging.info("%s: %d steps; compiled shapes %s", name, step, sorted(trainer.compiled_shapes))
+  return jax.device_get(state["params"])
