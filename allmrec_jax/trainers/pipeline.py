@@ -174,3 +174,48 @@ def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, d
                 f"  - target: `{ds.titles[int(es.targets[b])]}`"]
     parts.append("")
   path.write_text("\n".join(parts))
+
+
+def stage1_tables(config, workdir: pathlib.Path, ds, cf_model, cf_params) -> dict[str, np.ndarray]:
+  """The item tables stage 2 can feed to F_I, from the trained stage 1 and the CF model:
+  joint = f_I^enc(E) (paper), text = f_T^enc(SBERT(text)) (A-LLMRec SBERT), cf = E."""
+  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
+  cf_table = np.asarray(stage1_lib.cf_item_table(cf_model, cf_params), np.float32)
+  s1 = stage1_lib.load_trained_stage1(config, workdir, cf_dim=cf_table.shape[1])
+  tables = {"cf": cf_table,
+            "joint": np.asarray(stage1_lib.joint_item_embeddings(
+                s1.models, s1.params, source="cf", item_table=cf_table), np.float32)}
+  if config.stage2.item_source == "text":
+    ids, mask = stage1_lib.item_text_table(ds, s1.tokenizer, config.sbert.max_len)
+    tables["text"] = np.asarray(stage1_lib.joint_item_embeddings(
+        s1.models, s1.params, source="text", text_ids=ids, text_mask=mask), np.float32)
+  return tables
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+  """Runs `config.stages` in order on `config.data`; returns the last stage's metrics."""
+  from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir).expanduser()
+  stages = _stages(config)
+  save_config(config, workdir)
+  if config.asset_cache_dir:
+    os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
+  ds = prepare.prepare_dataset(config.data)
+  logging.info("dataset %s: %s", ds.name, ds.statistics())
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = sharding.axis_rules(config.mesh.logical_axis_rules)
+  out: dict = {}
+  if "cf" in stages:
+    _, _, out = cf_lib.train_and_evaluate(config, workdir, ds)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  if "stage1" in stages:
+    out = stage1_lib.train_and_evaluate(config, workdir, ds, cf_model, cf_params)
+  if "stage2" in stages:
+    tables = stage1_tables(config, workdir, ds, cf_model, cf_params)
+    out = run_stage2(config, workdir, ds, cf_model=cf_model, cf_params=cf_params,
+                     tables=tables, mesh=mesh, rules=rules)
+    print(results_table(out, [b.strip() for b in str(config.eval.baselines).split(",")
+                              if b.strip()], f"{config.eval.split}/"))
+  return out

@@ -206,7 +206,8 @@ class Stage2Trainer:
 
   def init_state(self, proj_params: PyTree) -> dict:
     rep = sharding.replicated(self.mesh)
-    params = jax.device_put(proj_params, rep)
+    # A host copy first: the step donates the state, the caller keeps its arrays.
+    params = jax.device_put(jax.tree.map(np.asarray, proj_params), rep)
     return {"params": params, "opt_state": jax.device_put(self.optimizer.init(params), rep),
             "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
 
