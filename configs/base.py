@@ -21,11 +21,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.min_count = 5            # single-pass >=k filter on raw user/item counts (paper code)
   c.data.iterative_kcore = False  # True = iterate the filter to a fixed point (not the paper)
   c.data.rating_threshold = 0.0   # keep interactions with rating >= this (Beauty/Toys: 3)
-  c.data.strict = False           # True = stop at the first malformed line (file:line)
+  c.data.strict = False           # True = stop at the first bad line, duplicates too (file:line)
   c.data.candidate_seed = 2024    # seed of the stored 19/100-negative evaluation sets
   c.data.maxlen = 50              # CF sequence length (SASRec maxlen)
-  c.data.description_mode = "first"  # Amazon description list: "first" entry (paper code) | "join" all
-  c.data.skip_unknown_items = True   # skip (and count) reviews of items absent from the metadata
+  c.data.description_mode = "first"  # Amazon descriptions: "first" entry (paper) | "join" all
+  c.data.skip_unknown_items = True   # skip + count reviews of items absent from the metadata
   c.data.asset_cache_dir = ""     # asset cache for the embedded ml-100k ("" = assets default)
   c.data.num_cold_users = 100     # MovieLens cold-user scenario: held-out users (seeded)
   c.data.cold_fraction = 0.35     # cold/warm items: bottom/top fraction by interaction count

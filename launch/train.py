@@ -26,9 +26,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Drops INFO records of chatty libraries (orbax logs every save/restore at INFO)."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if os.environ.get("ALLMREC_DISTRIBUTED"):
     jax.distributed.initialize()
   logging.info("JAX devices: %s", jax.devices())
