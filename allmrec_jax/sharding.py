@@ -137,3 +137,15 @@ def num_shards(x: jax.Array) -> int:
   """How many distinct shards an array is split into (1 = replicated)."""
   return len({tuple((s.start, s.stop) for s in idx)
               for idx in x.sharding.devices_indices_map(x.shape).values()})
+
+
+def fit_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """Drops mesh axes from the dimensions they do not divide (e.g. 9 heads on 2 devices)."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for d, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if shape[d] % math.prod(sharding.mesh.shape[a] for a in names):
+      spec[d] = None
+  return NamedSharding(sharding.mesh, P(*spec))

@@ -79,8 +79,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1 = ml_collections.ConfigDict()
   c.stage1.latent_dim = 128       # joint collaborative-text embedding width
   c.stage1.lr = 1e-4              # Adam learning rate
-  c.stage1.b1 = 0.9
-  c.stage1.b2 = 0.98
+  c.stage1.b1 = 0.9               # Adam beta1
+  c.stage1.b2 = 0.98              # Adam beta2
   c.stage1.batch_size = 60        # users per step
   c.stage1.num_epochs = 10
   c.stage1.freeze_sbert = False   # the paper's "Freeze SBERT" ablation
@@ -94,6 +94,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1.log_every = 1          # steps between metrics.jsonl / TensorBoard records
   c.stage1.eval_batch_size = 256  # items / users per batch when computing alignment metrics
   c.stage1.cold_fraction = 0.35   # cold items = bottom 35% by interaction count (paper)
+  c.stage1.pack_texts = True      # pack several short item texts per SBERT row (same
+                                  #   embeddings, far fewer padded tokens); False = one per row
 
   # ---------------------------------------------------------------- stage 2
   c.stage2 = ml_collections.ConfigDict()

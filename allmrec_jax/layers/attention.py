@@ -1,0 +1,148 @@
+"""Multi-head / grouped-query self-attention with a KV cache; softmax in float32.
+
+KV cache (shared by every decoder): a pytree
+  {"layers": tuple over layers of {"k": float[B, S, Hkv, Dh], "v": float[B, S, Hkv, Dh]},
+   "end": int32[]}  # slots [0, end) are filled
+created by `init_kv_cache`. A call with T new tokens writes them at slots [end, end + T) and
+returns end + T. The attention mask then covers the whole window: int[B, S], 1 = valid slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from allmrec_jax import common_types as ct
+from allmrec_jax.layers import rotary
+from allmrec_jax.layers.linears import DenseGeneral
+
+Cache = dict[str, Any]
+
+
+def init_kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                  dtype: ct.DType = jnp.float32) -> Cache:
+  """An empty cache of `max_len` slots (end = 0)."""
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                 for _ in range(num_layers))
+  return {"layers": layers, "end": jnp.zeros((), jnp.int32)}
+
+
+def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
+                       cache: Cache | None, positions: ct.Array | None
+                       ) -> tuple[ct.Array, ct.Array]:
+  """The boolean attention pattern and the positions of T new tokens.
+
+  Args:
+    attention_mask: int[B, T] without a cache, int[B, S] (whole window) with one; None = all
+      valid (with a cache: the slots [0, end + T)).
+    batch, length: B and T.
+    cache: the KV cache or None.
+    positions: int[B, T] or None = cumsum(mask) - 1 at the new tokens' slots, clipped at 0.
+
+  Returns:
+    (bool[B, T, S] mask: query t (slot end + t) sees key slot j iff mask[j] and j <= end + t,
+     int32[B, T] positions). Without a cache S = T and end = 0.
+  """
+  if cache is None:
+    window, end = length, jnp.zeros((), jnp.int32)
+  else:
+    window, end = cache["layers"][0]["k"].shape[1], cache["end"]
+  slots = jnp.arange(window, dtype=jnp.int32)
+  if attention_mask is None:
+    valid = jnp.broadcast_to(slots[None, :] < end + length, (batch, window))
+  else:
+    if attention_mask.shape != (batch, window):
+      what = "the cache window" if cache is not None else "the input length"
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected "
+                       f"{(batch, window)} ({what})")
+    valid = attention_mask.astype(bool)
+  query_slots = end + jnp.arange(length, dtype=jnp.int32)                   # [T]
+  causal = slots[None, :] <= query_slots[:, None]                           # [T, S]
+  mask = valid[:, None, :] & causal[None, :, :]
+  if positions is None:
+    full = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
+    if cache is None:
+      positions = full
+    else:
+      positions = lax.dynamic_slice_in_dim(full, end, length, axis=1)
+    positions = jnp.maximum(positions, 0)
+  return mask, positions.astype(jnp.int32)
+
+
+def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
+                          scale: float) -> ct.Array:
+  """Grouped-query attention.
+
+  Args:
+    q: float[B, T, H, Dh]; k, v: float[B, S, Hkv, Dh] with H a multiple of Hkv.
+    mask: bool[B, T, S].
+    scale: multiplies the scores.
+
+  Returns:
+    float[B, T, H, Dh] in q's dtype; softmax in float32.
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, h // hkv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+  """Self-attention with optional rotary embeddings, GQA and a per-layer KV cache.
+
+  Attributes:
+    num_heads: H; num_kv_heads: Hkv (divides H); head_dim: Dh.
+    qkv_bias: biases on q/k/v; out_bias: bias on the output projection.
+    query_scale: score multiplier (None = Dh^-0.5).
+    use_rotary: rotate q and k with the cos/sin passed in.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  out_bias: bool = False
+  query_scale: float | None = None
+  use_rotary: bool = True
+  dtype: ct.DType = jnp.float32
+  param_dtype: ct.DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: ct.Array, mask: ct.Array, cos_sin: tuple[ct.Array, ct.Array] | None = None,
+               layer_cache: Cache | None = None, end: ct.Array | None = None
+               ) -> tuple[ct.Array, Cache | None]:
+    """x float[B, T, E], mask bool[B, T, S] -> (float[B, T, E], updated {"k", "v"} or None)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    e = x.shape[-1]
+    q = DenseGeneral((self.num_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
+                     use_bias=self.qkv_bias, name="q", **kw)(x)
+    k = DenseGeneral((self.num_kv_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
+                     use_bias=self.qkv_bias, name="k", **kw)(x)
+    v = DenseGeneral((self.num_kv_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
+                     use_bias=self.qkv_bias, name="v", **kw)(x)
+    if self.use_rotary:
+      cos, sin = cos_sin
+      q = rotary.apply_rotary(q, cos, sin)
+      k = rotary.apply_rotary(k, cos, sin)
+    q = nn.with_logical_constraint(q, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
+    new_cache = None
+    if layer_cache is not None:
+      kc = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, end, 0, 0))
+      vc = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, end, 0, 0))
+      new_cache = {"k": kc, "v": vc}
+      k, v = kc, vc
+    scale = self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+    out = dot_product_attention(q, k, v, mask, scale)
+    out = nn.with_logical_constraint(out, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
+    y = DenseGeneral((e,), (ct.HEADS, ct.KV, ct.EMBED), num_contract=2, use_bias=self.out_bias,
+                     name="o", **kw)(out)
+    return y, new_cache

@@ -1,0 +1,91 @@
+"""Dense layers whose parameters carry logical axis names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from allmrec_jax import common_types as ct
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class DenseGeneral(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `num_contract` axes of x.
+
+  Attributes:
+    features: output feature shape, e.g. (H, Dh) for a query projection.
+    kernel_axes: logical names of the kernel, one per contracted + output axis.
+    num_contract: how many trailing input axes are contracted.
+    use_bias: add a bias of shape `features`.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  features: Sequence[int]
+  kernel_axes: Sequence[str | None]
+  num_contract: int = 1
+  use_bias: bool = False
+  dtype: ct.DType = jnp.float32
+  param_dtype: ct.DType = jnp.float32
+  kernel_init: nn.initializers.Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: ct.Array) -> ct.Array:
+    """float[..., *in] -> float[..., *features]."""
+    features = tuple(self.features)
+    in_shape = x.shape[x.ndim - self.num_contract:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+                        in_shape + features, self.param_dtype)
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.num_contract, x.ndim))
+    contract_k = tuple(range(self.num_contract))
+    y = lax.dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+    if self.use_bias:
+      bias_axes = tuple(self.kernel_axes)[self.num_contract:]
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                        features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table float[V, E] with lookup and tied-head projection.
+
+  Attributes:
+    num_embeddings: V.
+    features: E.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+  num_embeddings: int
+  features: int
+  dtype: ct.DType = jnp.float32
+  param_dtype: ct.DType = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(default_kernel_init, (ct.VOCAB, ct.EMBED)),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: ct.Array) -> ct.Array:
+    """int[...] -> float[..., E]."""
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: ct.Array) -> ct.Array:
+    """float[..., E] -> float32[..., V] (x . embedding^T, the tied LM head)."""
+    return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def activation(name: str):
+  """The transformers activation names used by our decoders."""
+  table = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+           "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+           "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+           "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+  if name not in table:
+    raise ValueError(f"activation {name!r} is not supported (supported: {sorted(table)})")
+  return table[name]

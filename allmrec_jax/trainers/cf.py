@@ -1,0 +1,452 @@
+"""Stage 0: train a CF backbone (SASRec, NCF, GRU4Rec, NextItNet) and evaluate it.
+
+  model, params, metrics = train_and_evaluate(config, workdir, dataset)
+  model, params = load_trained_cf(config, workdir, dataset)     # the best checkpoint
+
+Training: optax Adam, BCE with one sampled negative per position (`config.cf.loss`), one
+jitted step per batch (`train_step`, state donated); an epoch's batches run in one jitted
+`lax.scan` over `train_step` (`train_epoch`) so the CPU pays one dispatch per epoch.
+Batches come from `allmrec_jax.data.pipelines.cf_train_dataset` (grain MapDataset; batch
+g depends only on (seed, epoch, step-in-epoch)), dropout keys from fold_in(seed, step):
+a run resumed from a checkpoint repeats exactly what the uninterrupted run did.
+Every `eval_every` epochs: validation under the three protocols, metrics to
+`<workdir>/cf/metrics.jsonl` + TensorBoard (`<workdir>/cf/tb`), a checkpoint (latest and
+best by `select_metric`), early stopping after `patience` evaluations without improvement.
+At the end: the best checkpoint is evaluated on test -> `<workdir>/cf/metrics.json`, and
+`<workdir>/cf/FINISHED` makes a rerun return the stored result without training.
+
+Evaluation (`evaluate`), whole split in fixed-size jitted chunks:
+  20 stored candidates (column 0 = target): hit@1, hit@5, hit@10, mrr, ndcg@10_c20
+  100 stored negatives + target: hr@10_neg100, ndcg@10_neg100
+  full ranking over items 1..N with the user's whole input history masked:
+  recall@10/20, ndcg@10/20.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from allmrec_jax import checkpointing
+from allmrec_jax import common_types as ct
+from allmrec_jax import losses
+from allmrec_jax import metrics as metrics_lib
+from allmrec_jax import sharding
+from allmrec_jax.models import cf as cf_models
+
+PyTree = ct.PyTree
+STAGE = "cf"
+FINISHED = "FINISHED"
+
+
+# ---------------------------------------------------------------------------- setup
+def _cf(config, key, default=None):
+  return config.cf.get(key, default) if hasattr(config.cf, "get") else getattr(
+      config.cf, key, default)
+
+
+def make_model(config, num_items: int) -> cf_models.CFSurface:
+  """The configured backbone; sequences are config.data.maxlen long."""
+  cf = dict(config.cf)
+  cf["maxlen"] = int(config.data.maxlen)
+  return cf_models.make_cf_model(cf, num_items)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam(lr, b1, b2) as in SASRec's code (optional global-norm clipping)."""
+  tx = optax.adam(config.cf.lr, b1=config.cf.b1, b2=config.cf.b2)
+  clip = float(_cf(config, "grad_clip", 0.0) or 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def init_params(model: nn.Module, rng: jax.Array, maxlen: int, mesh=None, rules=None
+                ) -> PyTree:
+  """Unboxed parameters (created sharded on `mesh` when given)."""
+  seq = jnp.zeros((1, maxlen), jnp.int32)
+
+  def init_fn(key):
+    return model.init({"params": key, "dropout": key}, seq, seq, seq)["params"]
+  if mesh is None:
+    return nn.unbox(init_fn(rng))
+  params, _ = sharding.sharded_init(init_fn, mesh, rules, rng)
+  return params
+
+
+# ---------------------------------------------------------------------------- steps
+def train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, base_key,
+               state: dict[str, Any], batch: dict[str, jax.Array]
+               ) -> tuple[dict[str, Any], jax.Array]:
+  """One Adam step on a batch {seq, pos, neg: int32[B, L], mask: float32[B]}.
+
+  state = {"params", "opt_state", "step": int32[]}; dropout key = fold_in(base_key, step).
+  Returns (new state, float[] loss).
+  """
+  key = jax.random.fold_in(base_key, state["step"])
+
+  def loss_of(params):
+    pos_logits, neg_logits = model.apply({"params": params}, batch["seq"], batch["pos"],
+                                         batch["neg"], deterministic=False,
+                                         rngs={"dropout": key})
+    return loss_fn(pos_logits, neg_logits, batch["pos"], batch.get("mask"))
+  loss, grads = jax.value_and_grad(loss_of)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+
+def train_epoch(model, tx, loss_fn, base_key, state, batches):
+  """`train_step` scanned over batches {k: [S, B, ...]} -> (state, float[S] losses)."""
+  return jax.lax.scan(functools.partial(train_step, model, tx, loss_fn, base_key),
+                      state, batches)
+
+
+def eval_ranks(model: nn.Module, params: PyTree, seq: jax.Array, cand20: jax.Array,
+               cand101: jax.Array, target: jax.Array, history: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """0-based ranks int32[B] under the three protocols.
+
+  Args:
+    seq: int32[B, L] input sequences; cand20: int32[B, 20] and cand101: int32[B, 101]
+      (column 0 = target); target: int32[B]; history: int32[B, H] every input item of the
+      user (0-padded), masked out of the full ranking together with item 0.
+  """
+  variables = {"params": params}
+  user = model.apply(variables, seq, method="user_representation")
+  s20 = model.apply(variables, user, cand20, method="score_users")
+  s101 = model.apply(variables, user, cand101, method="score_users")
+  num_rows = model.config.num_items + 1
+  full = model.apply(variables, user, jnp.arange(num_rows, dtype=jnp.int32),
+                     method="score_users")
+  rows = jnp.arange(seq.shape[0])[:, None]
+  valid = jnp.ones(full.shape, bool).at[rows, history].set(False).at[:, 0].set(False)
+  return (metrics_lib.rank_of_target(s20), metrics_lib.rank_of_target(s101),
+          metrics_lib.rank_of_item(full, target, valid))
+
+
+# ---------------------------------------------------------------------------- evaluation
+class Evaluator:
+  """Whole-split evaluation in fixed-size jitted chunks (one compilation per model)."""
+
+  def __init__(self, model: nn.Module, dataset, maxlen: int, chunk: int = 256):
+    self.model = model
+    self.dataset = dataset
+    self.maxlen = maxlen
+    self.chunk = int(chunk)
+    self._arrays: dict[str, dict[str, np.ndarray]] = {}
+    self._ranks = jax.jit(functools.partial(eval_ranks, model))
+
+  def arrays(self, split: str) -> dict[str, np.ndarray]:
+    """Evaluation inputs of `split` for users with a target (cached)."""
+    if split not in self._arrays:
+      ds = self.dataset
+      users = ds.eval_users(split).astype(np.int64)
+      starts, ends = ds.input_bounds(split)
+      lengths = ends[users] - starts[users]
+      hmax = max(int(lengths.max()) if users.size else 1, 1)
+      from allmrec_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+      self._arrays[split] = {
+          "user": users.astype(np.int32),
+          "seq": ds.history_matrix(split, self.maxlen)[users],
+          "cand20": ds.candidates(split, "neg19")[users],
+          "cand101": ds.candidates(split, "neg100")[users],
+          "target": ds.targets(split)[users],
+          "history": dataset_lib.left_pad(starts[users], ends[users], ds.seq_items, hmax),
+      }
+    return self._arrays[split]
+
+  def ranks(self, params: PyTree, split: str) -> dict[str, np.ndarray]:
+    """{"user", "rank20", "rank101", "rank_full"} numpy int arrays over the split's users."""
+    a = self.arrays(split)
+    n = a["user"].shape[0]
+    out = {"rank20": [], "rank101": [], "rank_full": []}
+    for lo in range(0, n, self.chunk):
+      idx = np.minimum(lo + np.arange(self.chunk), n - 1)
+      r = self._ranks(params, a["seq"][idx], a["cand20"][idx], a["cand101"][idx],
+                      a["target"][idx], a["history"][idx])
+      take = min(self.chunk, n - lo)
+      for name, v in zip(out, r):
+        out[name].append(np.asarray(v)[:take])
+    res = {k: np.concatenate(v) if v else np.zeros((0,), np.int32) for k, v in out.items()}
+    res["user"] = a["user"]
+    return res
+
+  def evaluate(self, params: PyTree, split: str, breakdown: bool = False
+               ) -> dict[str, float]:
+    """`{split}/...` metrics (see module docstring); with breakdowns when available."""
+    r = self.ranks(params, split)
+    prefix = f"{split}/"
+    out = metrics_lib.cf_protocol_metrics(r["rank20"], r["rank101"], r["rank_full"], prefix)
+    out[f"{prefix}num_users"] = float(r["user"].size)
+    if breakdown:
+      for group, mask in _breakdown_groups(self.dataset, split, r["user"]).items():
+        if mask.any():
+          m = metrics_lib.cf_protocol_metrics(r["rank20"], r["rank101"], r["rank_full"],
+                                              f"{prefix}{group}/", weights=mask)
+          m[f"{prefix}{group}/num_users"] = float(mask.sum())
+          out.update(m)
+    return out
+
+
+def _breakdown_groups(dataset, split: str, users: np.ndarray) -> dict[str, np.ndarray]:
+  """User masks of the scenario groups (cold/warm target items) when available."""
+  try:
+    from allmrec_jax.data import scenarios  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  groups = {}
+  fn = getattr(scenarios, "cold_warm_users", None) or getattr(scenarios, "item_groups", None)
+  try:
+    if fn is not None:
+      res = fn(dataset, split) if fn.__name__ == "cold_warm_users" else None
+      if isinstance(res, dict):
+        for name, ids in res.items():
+          groups[name] = np.isin(users, np.asarray(ids))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("cf: scenario breakdown unavailable: %s", e)
+  return groups
+
+
+# ---------------------------------------------------------------------------- io helpers
+def _stage_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(os.path.expanduser(os.fspath(workdir))) / STAGE
+
+
+def _append_jsonl(path: pathlib.Path, record: dict):
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: pathlib.Path, max_epoch: int):
+  """Drops records after `max_epoch` (what an interrupted run logged past its checkpoint)."""
+  if not path.exists():
+    return
+  keep = [l for l in path.read_text().splitlines()
+          if l.strip() and json.loads(l).get("epoch", 0) <= max_epoch]
+  path.write_text("".join(l + "\n" for l in keep))
+
+
+class _TB:
+  """TensorBoard scalars via tensorboardX (a no-op when it is missing)."""
+
+  def __init__(self, logdir: pathlib.Path):
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.w = SummaryWriter(str(logdir))
+    except ImportError:
+      self.w = None
+
+  def scalars(self, step: int, values: dict[str, float]):
+    if self.w is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self.w.add_scalar(k, v, step)
+
+  def close(self):
+    if self.w is not None:
+      self.w.close()
+
+
+def _get_dataset(config, dataset):
+  if dataset is not None:
+    return dataset
+  from allmrec_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  return prepare.prepare_dataset(config.data)
+
+
+def _mesh(config):
+  rules = sharding.axis_rules(config.mesh.get("logical_axis_rules", None))
+  return sharding.make_mesh(tuple(config.mesh.shape)), rules
+
+
+# ---------------------------------------------------------------------------- entry points
+def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int | None = None
+                       ) -> tuple[nn.Module, PyTree, dict[str, float]]:
+  """Trains `config.cf.model`, returns (model, best params, final metrics).
+
+  Args:
+    config: the full config (sections `cf`, `data`, `mesh`, `seed`).
+    workdir: run directory; this stage writes `<workdir>/cf/`.
+    dataset: a RecDataset (None = `prepare_dataset(config.data)`).
+    stop_after_epoch: stop (as if interrupted) once this epoch is checkpointed, without
+      the test evaluation or the FINISHED marker (tests and preemption drills).
+  """
+  from allmrec_jax.data import pipelines  # pylint: disable=g-import-not-at-top
+  dataset = _get_dataset(config, dataset)
+  out_dir = _stage_dir(workdir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  cfc = config.cf
+  maxlen = int(config.data.maxlen)
+  model = make_model(config, dataset.num_items)
+  mesh, rules = _mesh(config)
+
+  if (out_dir / FINISHED).exists():
+    logging.info("cf: %s exists, loading the trained model", out_dir / FINISHED)
+    _, params = load_trained_cf(config, workdir, dataset)
+    with open(out_dir / "metrics.json", encoding="utf-8") as f:
+      return model, params, json.load(f)
+
+  if cfc.loss not in losses.CF_LOSSES:
+    raise ValueError(f"config.cf.loss={cfc.loss!r} is not one of {sorted(losses.CF_LOSSES)}")
+  loss_fn = losses.CF_LOSSES[cfc.loss]
+  tx = make_optimizer(config)
+  seed = int(config.seed)
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  params = init_params(model, init_key, maxlen, mesh, rules)
+  replicated = sharding.replicated(mesh)
+  # jit places the optimizer state on the parameters' devices (moments sharded like them).
+  state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+
+  mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1,
+                                    best_metric=cfc.select_metric)
+  start_epoch, best, bad = 0, -math.inf, 0
+  restored = checkpointing.restore(mngr, abstract={"params": state["params"],
+                                                   "opt_state": state["opt_state"]})
+  if restored is not None:
+    state = {"params": restored["params"], "opt_state": restored["opt_state"],
+             "step": jax.device_put(jnp.asarray(restored["extra"]["train_step"], jnp.int32),
+                                    replicated)}
+    start_epoch = int(restored["extra"]["epoch"])
+    best = float(restored["extra"]["best"])
+    bad = int(restored["extra"]["bad"])
+    logging.info("cf: resumed at epoch %d (step %d)", start_epoch, int(state["step"]))
+    _truncate_jsonl(out_dir / "metrics.jsonl", start_epoch)
+  elif (out_dir / "metrics.jsonl").exists():
+    (out_dir / "metrics.jsonl").unlink()
+
+  pipe = pipelines.cf_train_dataset(dataset, batch_size=int(cfc.batch_size), maxlen=maxlen,
+                                    seed=seed, num_epochs=int(cfc.num_epochs) + 1,
+                                    drop_remainder=bool(cfc.drop_remainder))
+  spe = pipelines.steps_per_epoch(dataset, int(cfc.batch_size),
+                                  drop_remainder=bool(cfc.drop_remainder))
+  keys = ("seq", "pos", "neg", "mask")
+
+  def epoch_batches(epoch: int) -> dict[str, np.ndarray]:
+    # Pipeline epochs are 0-based; trainer epochs count from 1.
+    bs = [pipe[(epoch - 1) * spe + s] for s in range(spe)]
+    return {k: np.stack([b[k] for b in bs]) for k in keys}
+
+  run_epoch = jax.jit(functools.partial(train_epoch, model, tx, loss_fn, dropout_key),
+                      donate_argnums=(0,))
+  evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)))
+  tb = _TB(out_dir / "tb")
+  num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
+  stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
+  bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,
+                  bool(_cf(config, "progress", True)))
+  next_batches = epoch_batches(start_epoch + 1) if start_epoch < num_epochs else None
+  for epoch in bar:
+    if stopped_early:
+      break
+    t0 = time.perf_counter()
+    batches = next_batches
+    state, epoch_losses = run_epoch(state, batches)
+    # Sample the next epoch on the host while the device runs this one.
+    next_batches = epoch_batches(epoch + 1) if epoch < num_epochs else None
+    loss = float(np.mean(np.asarray(epoch_losses)))
+    dt = time.perf_counter() - t0
+    rate = spe * int(cfc.batch_size) / max(dt, 1e-9)
+    record = {"epoch": epoch, "step": int(state["step"]), "train/loss": loss,
+              "train/epoch_time_s": dt, "train/seq_per_s": rate}
+    if hasattr(bar, "set_postfix"):
+      bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{rate:,.0f}")
+    if not math.isfinite(loss):
+      raise FloatingPointError(f"cf: training loss is {loss} at epoch {epoch} "
+                               "(lower config.cf.lr?)")
+    if epoch % eval_every == 0 or epoch == num_epochs:
+      t1 = time.perf_counter()
+      valid = evaluator.evaluate(state["params"], "valid")
+      record.update(valid)
+      record["valid/eval_time_s"] = time.perf_counter() - t1
+      value = valid[cfc.select_metric]
+      if value > best:
+        best, bad = value, 0
+      else:
+        bad += 1
+      stopped_early = bad >= int(cfc.patience)
+      checkpointing.save(mngr, epoch, params=state["params"], opt_state=state["opt_state"],
+                         extra={"epoch": epoch, "train_step": int(state["step"]),
+                                "best": best, "bad": bad, "stopped": stopped_early},
+                         metrics={cfc.select_metric: value})
+      logging.info("cf epoch %d: loss %.4f %s %.4f (best %.4f)", epoch, loss,
+                   cfc.select_metric, value, best)
+    _append_jsonl(out_dir / "metrics.jsonl", record)
+    tb.scalars(epoch, record)
+    if stop_after_epoch is not None and epoch >= stop_after_epoch:
+      tb.close()
+      return model, state["params"], record
+    if stopped_early:
+      logging.info("cf: early stop at epoch %d", epoch)
+      break
+  if hasattr(bar, "close"):
+    bar.close()
+
+  # Final: the best checkpoint on validation and test.
+  best_step = mngr.best_step()
+  restored = checkpointing.restore(mngr, step=best_step,
+                                   abstract={"params": state["params"]})
+  params = restored["params"]
+  final = {"best_epoch": int(best_step) if best_step is not None else 0}
+  final.update(evaluator.evaluate(params, "valid"))
+  t1 = time.perf_counter()
+  final.update(evaluator.evaluate(params, "test", breakdown=True))
+  final["test/eval_time_s"] = time.perf_counter() - t1
+  final["model"] = str(cfc.model)
+  final["seed"] = seed
+  tb.scalars(num_epochs + 1, final)
+  tb.close()
+  with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
+    json.dump(final, f, indent=2, sort_keys=True)
+  (out_dir / FINISHED).write_text(json.dumps({"best_epoch": final["best_epoch"]}) + "\n")
+  logging.info("cf test: %s", {k: round(v, 4) for k, v in final.items()
+                               if k.startswith("test/") and isinstance(v, float)})
+  return model, params, final
+
+
+def _progress(it, start, total, enabled: bool):
+  if not enabled:
+    return it
+  try:
+    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return it
+  return tqdm.tqdm(it, initial=start, total=total, desc="cf", unit="epoch", leave=False)
+
+
+def load_trained_cf(config, workdir, dataset=None) -> tuple[nn.Module, PyTree]:
+  """(model, params) of the best CF checkpoint under `<workdir>/cf/ckpt`.
+
+  Raises FileNotFoundError when there is none (run the `cf` stage first).
+  """
+  dataset = _get_dataset(config, dataset)
+  model = make_model(config, dataset.num_items)
+  ckpt = _stage_dir(workdir) / "ckpt"
+  if not ckpt.is_dir():
+    raise FileNotFoundError(f"no CF checkpoint under {ckpt} (run --config.stages=cf first)")
+  mngr = checkpointing.make_manager(ckpt, max_to_keep=1,
+                                    best_metric=config.cf.select_metric, read_only=True)
+  step = mngr.best_step()
+  if step is None:
+    raise FileNotFoundError(f"no CF checkpoint under {ckpt} (run --config.stages=cf first)")
+  mesh, rules = _mesh(config)
+  maxlen = int(config.data.maxlen)
+  seq = jnp.zeros((1, maxlen), jnp.int32)
+  abstract = jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, seq, seq,
+                                                 seq)["params"], jax.random.key(0))
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(abstract), shardings)
+  restored = checkpointing.restore(mngr, step=step, abstract={"params": like})
+  return model, restored["params"]

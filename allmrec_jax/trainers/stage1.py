@@ -1,0 +1,588 @@
+"""Stage 1 of A-LLMRec: align collaborative and text knowledge (SPEC section 1).
+
+For each user the last training position gives x_u (the frozen CF model's state after
+train[:-1]), the positive item p (the last training item) and a sampled negative n. With
+E the frozen CF item table and Q = SBERT(item text):
+  e = f_I^enc(E_i), q = f_T^enc(Q_i)                                  (i in {p, n})
+  match      = MSE(e_p, q_p) + MSE(e_n, q_n)
+  item_recon = MSE(f_I^dec(e_p), E_p) + MSE(f_I^dec(e_n), E_n)
+  text_recon = MSE(f_T^dec(q_p), sg(Q_p)) + MSE(f_T^dec(q_n), sg(Q_n))
+  rec        = BCE(s(x_u, f_I^dec(e_p)), 1) + BCE(s(x_u, f_I^dec(e_n)), 0),  s = mean(a * b)
+  loss = w_rec rec + w_match match + w_item_recon item_recon + w_text_recon text_recon
+Only the trainable tree {item_ae, text_ae, sbert (unless freeze_sbert)} has gradients and
+optimizer state; the CF parameters are a separate frozen argument. Item texts are
+tokenised once into a padded id table; with `freeze_sbert` the SBERT embeddings of all
+items are computed once instead.
+
+Outputs under `<workdir>/stage1/`: metrics.jsonl (per step), tb/ (TensorBoard), ckpt/
+(orbax: trainable params, optimizer state, step, data-iterator state), metrics.json
+(alignment metrics) and finished.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from allmrec_jax import checkpointing
+from allmrec_jax import common_types as ct
+from allmrec_jax import losses
+from allmrec_jax import metrics as metrics_lib
+from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.data import pipelines
+from allmrec_jax.data import scenarios
+from allmrec_jax.models import aligner
+from allmrec_jax.models.text import bert
+from allmrec_jax.weights import sbert as sbert_lib
+
+Array = ct.Array
+PyTree = ct.PyTree
+STAGE = "stage1"
+LOSS_TERMS = ("rec", "match", "item_recon", "text_recon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Config:
+  """The `config.stage1` section (+ the few outside fields stage 1 reads), frozen."""
+  latent_dim: int = 128
+  lr: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.98
+  batch_size: int = 60
+  num_epochs: int = 10
+  freeze_sbert: bool = False
+  w_rec: float = 1.0
+  w_match: float = 1.0
+  w_item_recon: float = 0.5
+  w_text_recon: float = 0.2
+  sbert_dropout: bool = True
+  max_steps: int = 0
+  checkpoint_every: int = 0
+  log_every: int = 1
+  eval_batch_size: int = 256
+  cold_fraction: float = 0.35
+  pack_texts: bool = True
+  maxlen: int = 50          # config.data.maxlen (CF input length)
+  text_max_len: int = 64    # config.sbert.max_len
+  seed: int = 0             # config.seed
+
+  @classmethod
+  def from_config(cls, config) -> Stage1Config:
+    s = config.stage1
+    names = {f.name for f in dataclasses.fields(cls)} - {"maxlen", "text_max_len", "seed"}
+    kw = {n: s[n] for n in names if n in s}
+    cfg = cls(maxlen=int(config.data.maxlen), text_max_len=int(config.sbert.max_len),
+              seed=int(config.seed), **kw)
+    for n in ("latent_dim", "batch_size", "num_epochs", "text_max_len", "maxlen"):
+      if getattr(cfg, n) <= 0:
+        raise ValueError(f"config.stage1.{n} must be > 0, got {getattr(cfg, n)}")
+    for n in ("w_rec", "w_match", "w_item_recon", "w_text_recon"):
+      if getattr(cfg, n) < 0:
+        raise ValueError(f"config.stage1.{n} must be >= 0, got {getattr(cfg, n)}")
+    return cfg
+
+
+class Stage1Models(NamedTuple):
+  """The stage-1 modules (all flax.linen)."""
+  item_ae: aligner.ItemAutoEncoder
+  text_ae: aligner.TextAutoEncoder
+  sbert: bert.BertEncoder
+
+
+# ----------------------------------------------------------------------------- setup
+def make_models(cf_dim: int, sbert_module: bert.BertEncoder, latent_dim: int = 128
+                ) -> Stage1Models:
+  return Stage1Models(aligner.ItemAutoEncoder(cf_dim, latent_dim),
+                      aligner.TextAutoEncoder(sbert_module.config.hidden_size, latent_dim),
+                      sbert_module)
+
+
+def item_texts(dataset: dataset_lib.RecDataset) -> list[str]:
+  """len N+1: "" for the padding item 0, then `dataset.item_text(i)`."""
+  return [""] + [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
+
+
+def item_text_table(dataset: dataset_lib.RecDataset, tokenizer, max_len: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenises every item text once: (ids int32[N+1, T], mask int32[N+1, T]).
+
+  T = min(max_len, the longest item text rounded up to a multiple of 8): trailing columns
+  that are padding for every item are dropped (they cannot change an embedding).
+  """
+  ids, mask = sbert_lib.tokenize_texts(tokenizer, item_texts(dataset), max_len)
+  longest = int(mask.sum(axis=1).max()) if mask.size else 1
+  t = min(max_len, max(8, -(-longest // 8) * 8))
+  return ids[:, :t], mask[:, :t]
+
+
+def init_trainable(models: Stage1Models, rng: Array, sbert_params: PyTree,
+                   freeze_sbert: bool) -> PyTree:
+  """{"item_ae", "text_ae"} (fresh, torch-Linear init) + {"sbert"} unless frozen."""
+  k1, k2 = jax.random.split(rng)
+  d = models.item_ae.dim
+  t = models.text_ae.dim
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  out = {
+      "item_ae": nn.unbox(models.item_ae.init(k1, jnp.zeros((1, d)))["params"]),
+      "text_ae": nn.unbox(models.text_ae.init(k2, jnp.zeros((1, t)))["params"]),
+  }
+  if not freeze_sbert:
+    out["sbert"] = sbert_params
+  return out
+
+
+def make_optimizer(cfg: Stage1Config) -> optax.GradientTransformation:
+  """Adam(lr, (b1, b2), eps=1e-8) as torch.optim.Adam."""
+  return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=1e-8)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _sbert_forward(module: bert.BertEncoder, params, ids, mask):
+  return module.apply({"params": params}, ids, mask)[0]
+
+
+def sbert_embed_all(module: bert.BertEncoder, params: PyTree, ids: np.ndarray,
+                    mask: np.ndarray, batch_size: int = 256) -> Array:
+  """float[N+1, t] SBERT embeddings of the whole token table (deterministic)."""
+  n = ids.shape[0]
+  batch_size = max(1, min(batch_size, n))
+  pad = (-n) % batch_size
+  ids_p = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+  mask_p = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
+  outs = [_sbert_forward(module, params, ids_p[i:i + batch_size], mask_p[i:i + batch_size])
+          for i in range(0, n + pad, batch_size)]
+  return jnp.concatenate(outs)[:n]
+
+
+def packing_rows(text_mask: np.ndarray, batch_size: int, slack: float = 1.3) -> tuple[int, ...]:
+  """Static row counts for packing the 2B texts of a batch into rows of T tokens.
+
+  The first bucket holds the average batch with `slack`; each next one doubles, up to 2B
+  rows (always enough), so the hot loop compiles a handful of shapes at most.
+  """
+  t = text_mask.shape[1]
+  mean_len = float(text_mask[1:].sum(1).mean()) if text_mask.shape[0] > 1 else float(t)
+  r = max(1, int(math.ceil(slack * 2 * batch_size * mean_len / t)))
+  if r > 8:
+    r = -(-r // 8) * 8
+  out = []
+  while r < 2 * batch_size:
+    out.append(r)
+    r *= 2
+  out.append(2 * batch_size)
+  return tuple(out)
+
+
+def pack_batch_texts(batch: dict[str, np.ndarray], text_ids: np.ndarray,
+                     text_mask: np.ndarray, rows: tuple[int, ...]) -> dict[str, Any]:
+  """Adds batch["packed_text"]: the pos then neg item texts packed into the first row
+  bucket they fit (host side, numpy; the tokenizer is never called)."""
+  items = np.concatenate([batch["pos"], batch["neg"]]).astype(np.int64)
+  ids, mask = text_ids[items], text_mask[items]
+  for r in rows:
+    packed = bert.pack_texts(ids, mask, rows=r)
+    if packed is not None:
+      return {**batch, "packed_text": packed}
+  raise AssertionError("pack_batch_texts: the last bucket (2B rows) always fits")
+
+
+def cf_variables(cf_params: PyTree) -> PyTree:
+  """Flax variables {"params": ...} from either the variables or the bare params tree
+  (`load_trained_cf` returns the bare "params" collection)."""
+  if isinstance(cf_params, dict) and set(cf_params) == {"params"}:
+    return cf_params
+  return {"params": cf_params}
+
+
+def cf_item_table(cf_model, cf_params) -> Array:
+  """float[N+1, d] the frozen CF item table E (cf_params: variables or bare params)."""
+  return cf_model.apply(cf_variables(cf_params), method=cf_model.item_embeddings)
+
+
+# ----------------------------------------------------------------------------- step
+def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Array],
+                rng: Array, *, models: Stage1Models, cf_model, cfg: Stage1Config
+                ) -> tuple[Array, dict[str, Array]]:
+  """Total loss and its terms for one batch.
+
+  Args:
+    trainable: {"item_ae", "text_ae", "sbert"?} parameter trees.
+    frozen: {"cf": CF variables, "item_table": float[N+1, d]} and either
+      {"text_ids", "text_mask": int32[N+1, T]} (SBERT fine-tuned) or
+      {"text_table": float[N+1, t]} (SBERT frozen).
+    batch: seq int32[B, L], pos int32[B], neg int32[B], mask float32[B] (0 = padding row),
+      optionally packed_text (the 2B texts of pos then neg packed by `pack_batch_texts`;
+      used instead of the token table when SBERT is fine-tuned: same embeddings, ~4x
+      fewer token slots on short titles).
+    rng: dropout key (SBERT in train mode).
+  """
+  w = batch["mask"].astype(jnp.float32)
+  pos, neg = batch["pos"], batch["neg"]
+  user = cf_model.apply(frozen["cf"], batch["seq"], method=cf_model.user_representation)
+  user = jax.lax.stop_gradient(user)
+  table = frozen["item_table"]
+  e_in_p, e_in_n = table[pos], table[neg]
+  if "text_table" in frozen:
+    q_in_p, q_in_n = frozen["text_table"][pos], frozen["text_table"][neg]
+  elif "packed_text" in batch:   # pos then neg texts, several per row (see pack_batch_texts)
+    pk = batch["packed_text"]
+    q_in, _ = models.sbert.apply(
+        {"params": trainable["sbert"]}, pk["input_ids"], pk["attention_mask"],
+        deterministic=not cfg.sbert_dropout, rngs={"dropout": rng},
+        positions=pk["positions"], segment_ids=pk["segment_ids"],
+        text_index=pk["text_index"], num_texts=2 * pos.shape[0])
+    q_in_p, q_in_n = jnp.split(q_in, 2)
+  else:
+    items = jnp.concatenate([pos, neg])
+    q_in, _ = models.sbert.apply(
+        {"params": trainable["sbert"]}, frozen["text_ids"][items], frozen["text_mask"][items],
+        deterministic=not cfg.sbert_dropout, rngs={"dropout": rng})
+    q_in_p, q_in_n = jnp.split(q_in, 2)
+  item_ae = functools.partial(models.item_ae.apply, {"params": trainable["item_ae"]})
+  text_ae = functools.partial(models.text_ae.apply, {"params": trainable["text_ae"]})
+  e_p, dec_p = item_ae(e_in_p)
+  e_n, dec_n = item_ae(e_in_n)
+  q_p, tdec_p = text_ae(q_in_p)
+  q_n, tdec_n = text_ae(q_in_n)
+  terms = {
+      "rec": losses.stage1_rec_loss(user, dec_p, dec_n, w),
+      "match": losses.stage1_matching_loss(e_p, q_p, e_n, q_n, w),
+      "item_recon": losses.stage1_item_recon_loss(dec_p, e_in_p, dec_n, e_in_n, w),
+      "text_recon": losses.stage1_text_recon_loss(tdec_p, q_in_p, tdec_n, q_in_n, w),
+  }
+  total = losses.stage1_total_loss(terms, cfg.w_rec, cfg.w_match, cfg.w_item_recon,
+                                   cfg.w_text_recon)
+  return total, terms
+
+
+def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
+                    tx: optax.GradientTransformation, donate: bool = True):
+  """Jitted `train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state,
+  metrics)`; gradients and updates exist for `trainable` only."""
+  loss_fn = functools.partial(stage1_loss, models=models, cf_model=cf_model, cfg=cfg)
+
+  def train_step(trainable, opt_state, frozen, batch, rng):
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    out = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
+    out.update({f"train/{k}": v for k, v in terms.items()})
+    return trainable, opt_state, out
+
+  return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+
+
+# ----------------------------------------------------------------------------- embeddings
+def joint_item_embeddings(models: Stage1Models, params: PyTree, *, source: str = "cf",
+                          item_table: Array | None = None, text_ids: np.ndarray | None = None,
+                          text_mask: np.ndarray | None = None, text_table: Array | None = None,
+                          batch_size: int = 256) -> Array:
+  """float[N+1, latent] joint embeddings of all items (row 0 = the padding item).
+
+  source="cf":   e_i = f_I^enc(E_i) from the CF item table float[N+1, d] (warm items).
+  source="text": e_i = f_T^enc(SBERT(text_i)) ("A-LLMRec (SBERT)", cold items) from the
+    token table (text_ids/text_mask int32[N+1, T], run through params["sbert"]) or from
+    precomputed SBERT embeddings `text_table` float[N+1, t].
+  params: {"item_ae", "text_ae", "sbert"}.
+  """
+  if source == "cf":
+    if item_table is None:
+      raise ValueError("joint_item_embeddings(source='cf') needs item_table")
+    return models.item_ae.apply({"params": params["item_ae"]}, item_table,
+                                method=models.item_ae.encode)
+  if source == "text":
+    if text_table is None:
+      if text_ids is None or text_mask is None:
+        raise ValueError("joint_item_embeddings(source='text') needs text_ids/text_mask "
+                         "or text_table")
+      text_table = sbert_embed_all(models.sbert, params["sbert"], text_ids, text_mask,
+                                   batch_size)
+    return models.text_ae.apply({"params": params["text_ae"]}, text_table,
+                                method=models.text_ae.encode)
+  raise ValueError(f"joint_item_embeddings: source must be 'cf' or 'text', got {source!r}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+def cold_items(dataset: dataset_lib.RecDataset, fraction: float = 0.35) -> np.ndarray:
+  """bool[N+1]: the cold items of `scenarios.cold_warm_items` (bottom `fraction` by count)."""
+  cold, _ = scenarios.cold_warm_items(dataset, fraction)
+  out = np.zeros(dataset.num_items + 1, bool)
+  out[cold] = True
+  return out
+
+
+def text_to_item_recall(q: Array, e: Array, ks=(1, 10), batch_size: int = 512
+                        ) -> dict[str, float]:
+  """For every item i >= 1, ranks all joint embeddings e_j (j >= 1) by squared distance to
+  q_i; recall@k = share of items whose own e_i is among the k nearest (ties pessimistic).
+
+  q, e: float[N+1, latent] (row 0 = padding, ignored).
+  """
+  q = jnp.asarray(q)[1:]
+  e = jnp.asarray(e)[1:]
+  n = q.shape[0]
+
+  @jax.jit
+  def ranks_of(qb, idx):
+    d = (jnp.sum(qb * qb, -1)[:, None] - 2 * qb @ e.T + jnp.sum(e * e, -1)[None, :])
+    return metrics_lib.rank_of_item(-d, idx)
+
+  ranks = []
+  for s in range(0, n, batch_size):
+    idx = jnp.arange(s, min(s + batch_size, n), dtype=jnp.int32)
+    ranks.append(np.asarray(ranks_of(q[s:s + batch_size], idx)))
+  r = np.concatenate(ranks)
+  out = {f"align/text2item_recall@{k}": float(np.mean(r < k)) for k in ks}
+  out["align/text2item_mean_rank"] = float(np.mean(r))
+  out["align/random_recall@10"] = float(min(1.0, 10 / max(n, 1)))
+  return out
+
+
+def evaluate_alignment(models: Stage1Models, params: PyTree, *, dataset, cf_model,
+                       cf_params, item_table: Array, text_ids: np.ndarray,
+                       text_mask: np.ndarray, cfg: Stage1Config) -> dict[str, float]:
+  """Alignment metrics: text->item retrieval and the cold-item scoring path.
+
+  cold/hit@1_text: test users whose target is a cold item; their 20 stored candidates
+  scored with s(x_u, f_I^dec(e_i)), e_i = f_T^enc(SBERT(text_i)); cold/hit@1_cf: the same
+  with e_i = f_I^enc(E_i); cold/hit@1_cf_model: the CF model's own scores. Same for warm
+  users (target in the top fraction, `scenarios.cold_warm_users`) under warm/, and all/.
+  """
+  cf_params = cf_variables(cf_params)
+  e = joint_item_embeddings(models, params, source="cf", item_table=item_table)
+  q = joint_item_embeddings(models, params, source="text", text_ids=text_ids,
+                            text_mask=text_mask, batch_size=cfg.eval_batch_size)
+  out = text_to_item_recall(q, e)
+
+  users = dataset.eval_users("test")
+  if users.size:
+    hist = dataset.history_matrix("test", cfg.maxlen)[users]
+    cands = dataset.candidates("test")[users]
+    groups = scenarios.cold_warm_users(dataset, "test", cfg.cold_fraction)
+    cold = np.isin(users, groups["cold"])
+    warm = np.isin(users, groups["warm"])
+    dec = {
+        "text": models.item_ae.apply({"params": params["item_ae"]}, q,
+                                     method=models.item_ae.decode),
+        "cf": models.item_ae.apply({"params": params["item_ae"]}, e,
+                                   method=models.item_ae.decode),
+    }
+
+    @jax.jit
+    def scores(h, c):
+      x = cf_model.apply(cf_params, h, method=cf_model.user_representation)
+      res = {k: jnp.mean(x[:, None, :] * v[c], axis=-1) for k, v in dec.items()}
+      res["cf_model"] = cf_model.apply(cf_params, h, c, method=cf_model.score)
+      return {k: metrics_lib.rank_of_target(v) for k, v in res.items()}
+
+    bs = cfg.eval_batch_size
+    ranks: dict[str, list[np.ndarray]] = {}
+    for s in range(0, users.size, bs):
+      h, c = hist[s:s + bs], cands[s:s + bs]
+      m = h.shape[0]
+      if m < bs:  # one compiled shape
+        h = np.concatenate([h, np.repeat(h[-1:], bs - m, 0)])
+        c = np.concatenate([c, np.repeat(c[-1:], bs - m, 0)])
+      for k, v in scores(h, c).items():
+        ranks.setdefault(k, []).append(np.asarray(v)[:m])
+    for k, v in ranks.items():
+      r = np.concatenate(v)
+      for group, sel in (("cold", cold), ("warm", warm), ("all", np.ones_like(cold))):
+        key = f"{group}/hit@1_{k}"
+        out[key] = float(np.mean(r[sel] == 0)) if sel.any() else float("nan")
+    out["cold/num_users"] = int(cold.sum())
+    out["warm/num_users"] = int(warm.sum())
+  return out
+
+
+# ----------------------------------------------------------------------------- training
+def _stage_dir(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir).expanduser() / STAGE
+
+
+def _json_default(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return str(x)
+
+
+def _truncate_jsonl(path: pathlib.Path, last_step: int):
+  """Drops records after `last_step` (written after the checkpoint a run resumes from)."""
+  if not path.exists():
+    return
+  keep = [ln for ln in path.read_text().splitlines()
+          if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+  path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _load_sbert(config):
+  return sbert_lib.load_sbert(config.sbert.path or None,
+                              dtype=config.sbert.get("dtype", "float32"))
+
+
+def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_model,
+                       cf_params) -> dict[str, float]:
+  """Trains stage 1 (resuming from `<workdir>/stage1/ckpt`), writes and returns metrics.
+
+  A finished run (finished.json with at least the requested number of steps) is not
+  retrained: its metrics.json is returned.
+  """
+  cfg = Stage1Config.from_config(config)
+  sdir = _stage_dir(workdir)
+  sdir.mkdir(parents=True, exist_ok=True)
+  cf_params = cf_variables(cf_params)
+
+  sb = _load_sbert(config)
+  item_table = cf_item_table(cf_model, cf_params)
+  models = make_models(int(item_table.shape[-1]), sb.module, cfg.latent_dim)
+  text_ids, text_mask = item_text_table(dataset, sb.tokenizer, cfg.text_max_len)
+
+  data = pipelines.stage1_dataset(dataset, batch_size=cfg.batch_size, maxlen=cfg.maxlen,
+                                  seed=cfg.seed, num_epochs=cfg.num_epochs,
+                                  drop_remainder=False)
+  if cfg.pack_texts and not cfg.freeze_sbert:
+    rows = packing_rows(text_mask, cfg.batch_size)
+    data = data.map(functools.partial(pack_batch_texts, text_ids=text_ids,
+                                      text_mask=text_mask, rows=rows))
+  spe = pipelines.steps_per_epoch(dataset, cfg.batch_size, drop_remainder=False)
+  total_steps = len(data)
+  if cfg.max_steps > 0:
+    total_steps = min(total_steps, cfg.max_steps)
+
+  finished_file = sdir / "finished.json"
+  metrics_file = sdir / "metrics.json"
+  if finished_file.exists() and metrics_file.exists():
+    done = json.loads(finished_file.read_text())
+    if int(done.get("steps", -1)) >= total_steps:
+      logging.info("stage1: finished run found in %s, skipping training", sdir)
+      return json.loads(metrics_file.read_text())
+
+  rng = jax.random.key(cfg.seed)
+  init_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 1))
+  trainable = init_trainable(models, init_rng, sb.params, cfg.freeze_sbert)
+  tx = make_optimizer(cfg)
+  opt_state = tx.init(trainable)
+  frozen: dict[str, Any] = {"cf": cf_params, "item_table": item_table}  # no grads, no opt
+  if cfg.freeze_sbert:
+    frozen["text_table"] = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
+                                           cfg.eval_batch_size)
+  else:
+    frozen["text_ids"] = jnp.asarray(text_ids)
+    frozen["text_mask"] = jnp.asarray(text_mask)
+
+  manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=1)
+  iterator = pipelines.make_iterator(data)
+  step = 0
+  restored = checkpointing.restore(manager, abstract={"params": trainable,
+                                                      "opt_state": opt_state})
+  if restored is not None:
+    trainable, opt_state = restored["params"], restored["opt_state"]
+    step = int(restored["extra"]["step"])
+    iterator.set_state(restored["extra"]["iterator"])
+    logging.info("stage1: resumed at step %d", step)
+  jsonl = sdir / "metrics.jsonl"
+  _truncate_jsonl(jsonl, step)
+
+  train_step = make_train_step(models, cf_model, cfg, tx)
+  ckpt_every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(str(sdir / "tb"))
+  last_saved = step
+  t0, seen, first_step = time.perf_counter(), 0, step
+  try:
+    with open(jsonl, "a") as log_f, tqdm.tqdm(total=total_steps, initial=step,
+                                              desc="stage1", dynamic_ncols=True) as bar:
+      while step < total_steps:
+        batch = next(iterator)
+        batch = {k: batch[k] for k in ("seq", "pos", "neg", "mask", "packed_text")
+                 if k in batch}
+        trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch,
+                                             jax.random.fold_in(dropout_rng, step))
+        step += 1
+        if step == first_step + 1:  # exclude the compiling step from the rate
+          jax.block_until_ready(trainable)
+          t0 = time.perf_counter()
+        else:
+          seen += int(batch["mask"].sum())
+        if step % cfg.log_every == 0 or step == total_steps:
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          m["train/epoch"] = (step - 1) // spe
+          m["train/users_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+          log_f.write(json.dumps({"step": step, **m}) + "\n")
+          log_f.flush()
+          for k, v in m.items():
+            writer.add_scalar(k, v, step)
+          bar.set_postfix(loss=f"{m['train/loss']:.4f}")
+        bar.update(1)
+        if step % ckpt_every == 0 or step == total_steps:
+          checkpointing.save(manager, step, params=trainable, opt_state=opt_state,
+                             extra={"step": step, "iterator": iterator.get_state()})
+          last_saved = step
+  finally:
+    writer.flush()
+    writer.close()
+  del last_saved
+
+  params = dict(trainable)
+  params.setdefault("sbert", sb.params)
+  results = evaluate_alignment(models, params, dataset=dataset, cf_model=cf_model,
+                               cf_params=cf_params, item_table=item_table,
+                               text_ids=text_ids, text_mask=text_mask, cfg=cfg)
+  results["train/steps"] = step
+  if jsonl.exists():
+    lines = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+    if lines:
+      for k in ("train/loss",) + tuple(f"train/{t}" for t in LOSS_TERMS):
+        if k in lines[-1]:
+          results[f"final/{k}"] = lines[-1][k]
+          results[f"first/{k}"] = lines[0][k]
+  metrics_file.write_text(json.dumps(results, indent=2, default=_json_default))
+  finished_file.write_text(json.dumps({"steps": step}))
+  logging.info("stage1: %s", results)
+  return results
+
+
+class Stage1Result(NamedTuple):
+  models: Stage1Models
+  params: PyTree          # {"item_ae", "text_ae", "sbert"}
+  tokenizer: Any          # the SBERT tokenizer (for item-text tables)
+
+
+def load_trained_stage1(config, workdir, cf_dim: int | None = None) -> Stage1Result:
+  """Restores the trained stage-1 parameters (latest checkpoint) for stage 2.
+
+  Returns Stage1Result(models, params={"item_ae", "text_ae", "sbert"}, tokenizer); with
+  freeze_sbert the SBERT parameters are the loaded pretrained ones. `cf_dim` (d) defaults
+  to the width stored in the checkpoint.
+  """
+  cfg = Stage1Config.from_config(config)
+  sdir = _stage_dir(workdir)
+  manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=1, read_only=True)
+  step = checkpointing.latest_step(manager)
+  if step is None:
+    raise FileNotFoundError(f"load_trained_stage1: no stage-1 checkpoint in {sdir / 'ckpt'} "
+                            "(run the stage1 stage first)")
+  sb = _load_sbert(config)
+  restored = checkpointing.restore(manager, step=step)
+  params = jax.tree.map(jnp.asarray, dict(restored["params"]))
+  if "sbert" not in params:
+    params["sbert"] = sb.params
+  stored_dim = int(np.shape(params["item_ae"]["decoder"]["kernel"])[1])
+  if cf_dim is not None and cf_dim != stored_dim:
+    raise ValueError(f"load_trained_stage1: checkpoint item auto-encoder width {stored_dim} "
+                     f"!= CF width {cf_dim} (config.cf.hidden_dim)")
+  models = make_models(stored_dim, sb.module, cfg.latent_dim)
+  return Stage1Result(models, params, sb.tokenizer)

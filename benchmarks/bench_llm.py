@@ -1,0 +1,147 @@
+r"""Prefill and decode throughput: our jitted KV-cache `generate` vs transformers' `generate`.
+
+SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32 by both sides), batch 4,
+300-token prompts, 32 new tokens, greedy, no early EOS, on the CPU.
+
+Run (both sides in one process, medians of --runs):
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2" \
+  JAX_PLATFORMS=cpu python benchmarks/bench_llm.py --runs=5 --torch_threads=2
+
+Method: prefill time = `generate(max_new_tokens=1)` (prompt forward + first token);
+decode time = `generate(max_new_tokens=32)` - prefill time, for the 31 further tokens.
+prefill tokens/s = B * 300 / prefill time; decode tokens/s = B * 31 / decode time. Our
+prompts are padded to the 320-token bucket (the extra work is counted against us).
+Compilation is excluded (one warm-up call per program). The machine load (/proc/loadavg)
+is printed before and after: the 2 cores are shared, so compare the two sides of one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 4, "prompts per batch")
+flags.DEFINE_integer("prompt_len", 300, "tokens per prompt")
+flags.DEFINE_integer("new_tokens", 32, "generated tokens")
+flags.DEFINE_integer("runs", 5, "timed runs per measurement (median reported)")
+flags.DEFINE_list("torch_threads", ["2"], "torch.set_num_threads values to measure")
+flags.DEFINE_string("llm", "smollm2-135m", "model (see launch/generate.py --llm)")
+
+
+def _loadavg() -> str:
+  try:
+    with open("/proc/loadavg", encoding="ascii") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "n/a"
+
+
+def _median_time(fn, runs: int) -> float:
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def _hf_model(loaded):
+  """transformers' Llama with the GGUF tensors (as transformers dequantises them)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+  path = llm_weights.resolve_path(FLAGS.llm)
+  if path.suffix != ".gguf":
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+  c = loaded.config
+  hf_config = transformers.LlamaConfig(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+      num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+      rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+      tie_word_embeddings=c.tie_word_embeddings)
+  with torch.device("meta"):
+    meta = transformers.LlamaForCausalLM(hf_config)
+  parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=meta)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  model.load_state_dict(parsed["tensors"], strict=False)
+  model.tie_weights()
+  return model
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from allmrec_jax import generate as gen  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+
+  b, p, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens
+  load_before = _loadavg()
+  loaded = llm_weights.load_llm(FLAGS.llm, dtype="float32")
+  rng = np.random.RandomState(0)
+  ids = rng.randint(100, loaded.config.vocab_size - 100, (b, p)).astype(np.int32)
+  mask = np.ones((b, p), np.int32)
+
+  def ours(num):
+    out = gen.generate(loaded.module, loaded.params, input_ids=ids, attention_mask=mask,
+                       max_new_tokens=num, eos_id=None, pad_id=0)
+    return np.asarray(out.tokens)
+
+  ours_tokens = ours(n)  # compile both programs
+  ours(1)
+  ours_prefill = _median_time(lambda: ours(1), FLAGS.runs)
+  ours_total = _median_time(lambda: ours(n), FLAGS.runs)
+
+  hf = _hf_model(loaded)
+  ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+  def theirs(num):
+    with torch.no_grad():
+      out = hf.generate(ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=num,
+                        min_new_tokens=num, pad_token_id=0)
+    return out[:, p:].numpy()
+
+  results = {"device": jax.devices()[0].device_kind, "batch": b, "prompt_len": p,
+             "new_tokens": n, "runs": FLAGS.runs,
+             "ours": {"prefill_s": ours_prefill, "total_s": ours_total,
+                      "prefill_tok_s": b * p / ours_prefill,
+                      "decode_tok_s": b * (n - 1) / (ours_total - ours_prefill)}}
+  for threads in FLAGS.torch_threads:
+    torch.set_num_threads(int(threads))
+    theirs_tokens = theirs(n)   # warm-up
+    theirs(1)
+    hf_prefill = _median_time(lambda: theirs(1), FLAGS.runs)
+    hf_total = _median_time(lambda: theirs(n), FLAGS.runs)
+    key = f"transformers_{threads}threads"
+    results[key] = {"prefill_s": hf_prefill, "total_s": hf_total,
+                    "prefill_tok_s": b * p / hf_prefill,
+                    "decode_tok_s": b * (n - 1) / (hf_total - hf_prefill),
+                    "same_tokens": float(np.mean(theirs_tokens == ours_tokens))}
+    results[f"speedup_vs_{threads}threads"] = {
+        "prefill": results["ours"]["prefill_tok_s"] / results[key]["prefill_tok_s"],
+        "decode": results["ours"]["decode_tok_s"] / results[key]["decode_tok_s"]}
+  results["loadavg_before"] = load_before
+  results["loadavg_after"] = _loadavg()
+
+  print(f"{'':28s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
+  for k, v in results.items():
+    if isinstance(v, dict) and "prefill_tok_s" in v:
+      print(f"{k:28s} {v['prefill_tok_s']:14.1f} {v['decode_tok_s']:13.1f}")
+  print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,214 @@
+"""Stage-1 step and trainer: trainable tree, frozen CF, freeze_sbert, resume, metrics."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from allmrec_jax.data import pipelines
+from allmrec_jax.models import cf as cf_lib
+from allmrec_jax.trainers import stage1
+from allmrec_jax.weights import sbert as sbert_lib
+
+import conftest  # tests/stage1/conftest.py helpers  # pylint: disable=g-bad-import-order
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dataset, tiny_sbert_dir):
+  config = conftest.make_config(tiny_sbert_dir, sbert_dropout=False)
+  cfg = stage1.Stage1Config.from_config(config)
+  cf_model, cf_params = conftest.make_cf(config, tiny_dataset.num_items)
+  sb = sbert_lib.load_sbert(tiny_sbert_dir)
+  table = stage1.cf_item_table(cf_model, cf_params)
+  models = stage1.make_models(table.shape[-1], sb.module, cfg.latent_dim)
+  ids, mask = stage1.item_text_table(tiny_dataset, sb.tokenizer, cfg.text_max_len)
+  batch = pipelines.stage1_batch(tiny_dataset, np.arange(4), maxlen=cfg.maxlen, seed=0,
+                                 epoch=0)
+  batch = {"seq": batch["seq"], "pos": batch["pos"], "neg": batch["neg"],
+           "mask": np.ones(4, np.float32)}
+  frozen = {"cf": cf_params, "item_table": table, "text_ids": jnp.asarray(ids),
+            "text_mask": jnp.asarray(mask)}
+  return dict(config=config, cfg=cfg, cf_model=cf_model, cf_params=cf_params, sb=sb,
+              models=models, ids=ids, mask=mask, batch=batch, frozen=frozen, table=table)
+
+
+def _loss(s, trainable, frozen, cfg=None):
+  fn = functools.partial(stage1.stage1_loss, models=s["models"], cf_model=s["cf_model"],
+                         cfg=cfg or s["cfg"])
+  return jax.jit(fn)(trainable, frozen, s["batch"], jax.random.key(0))
+
+
+def test_item_text_table_is_tokenised_once_and_trimmed(setup, tiny_dataset):
+  ids, mask = setup["ids"], setup["mask"]
+  assert ids.shape[0] == tiny_dataset.num_items + 1 and ids.dtype == np.int32
+  assert ids.shape[1] % 8 == 0 and ids.shape[1] <= setup["cfg"].text_max_len
+  assert not mask[0].any()                      # padding item 0
+  assert mask[1:].sum(1).min() >= 3             # [CLS] text [SEP]
+  enc = setup["sb"].tokenizer(tiny_dataset.item_text(3))["input_ids"]
+  np.testing.assert_array_equal(ids[3, :len(enc)], enc)
+
+
+def _norms(tree):
+  return {k: float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(v))))
+          for k, v in tree.items()}
+
+
+def test_gradients_reach_exactly_the_trainable_tree(setup):
+  s = setup
+  trainable = stage1.init_trainable(s["models"], jax.random.key(1), s["sb"].params, False)
+  fn = functools.partial(stage1.stage1_loss, models=s["models"], cf_model=s["cf_model"],
+                         cfg=s["cfg"])
+
+  def per_term(t):
+    _, terms = fn(t, s["frozen"], s["batch"], jax.random.key(0))
+    return jnp.stack([terms[k] for k in stage1.LOSS_TERMS])
+
+  jac = jax.jit(jax.jacrev(per_term))(trainable)   # leaves: [4, *param shape]
+  assert set(jac) == {"item_ae", "text_ae", "sbert"}
+  reach = {}
+  for i, term in enumerate(stage1.LOSS_TERMS):
+    norms = {k: _norms({"x": jax.tree.map(lambda g: g[i], v)})["x"] for k, v in jac.items()}
+    reach[term] = {k for k, n in norms.items() if n > 0}
+  assert reach["rec"] == {"item_ae"}
+  assert reach["item_recon"] == {"item_ae"}
+  assert reach["match"] == {"item_ae", "text_ae", "sbert"}
+  # Text targets are stop-gradient: SBERT learns from text recon only through q.
+  assert reach["text_recon"] == {"text_ae", "sbert"}
+  dec = jax.tree.map(lambda g: g[1], jac["text_ae"]["decoder"])   # matching: no decoder
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(dec))
+
+
+def test_step_updates_trainable_only_and_cf_is_unchanged(setup):
+  s = setup
+  trainable = stage1.init_trainable(s["models"], jax.random.key(1), s["sb"].params, False)
+  before = jax.tree.map(np.array, trainable)
+  cf_before = jax.tree.map(np.array, s["cf_params"])
+  tx = stage1.make_optimizer(s["cfg"])
+  opt_state = tx.init(trainable)
+  # Optimizer state exists for the trainable leaves only (mu and nu of Adam).
+  n_train = len(jax.tree.leaves(trainable))
+  assert len(jax.tree.leaves(opt_state)) == 2 * n_train + 1
+  step = stage1.make_train_step(s["models"], s["cf_model"], s["cfg"], tx, donate=False)
+  new, _, m = step(trainable, opt_state, s["frozen"], s["batch"], jax.random.key(0))
+  assert set(m) >= {"train/loss", "train/rec", "train/match", "train/item_recon",
+                    "train/text_recon"}
+  for name in ("item_ae", "text_ae"):
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), new[name],
+                           before[name])
+    assert all(jax.tree.leaves(changed)), name
+  assert np.any(np.asarray(new["sbert"]["layer_0"]["query"]["kernel"])
+                != before["sbert"]["layer_0"]["query"]["kernel"])
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, s["cf_params"]),
+               cf_before)
+
+
+def test_freeze_sbert_matches_finetuned_path_at_step0(setup):
+  s = setup
+  trainable = stage1.init_trainable(s["models"], jax.random.key(1), s["sb"].params, False)
+  loss_ft, terms_ft = _loss(s, trainable, s["frozen"])
+  q_table = stage1.sbert_embed_all(s["models"].sbert, s["sb"].params, s["ids"], s["mask"])
+  frozen = {"cf": s["cf_params"], "item_table": s["table"], "text_table": q_table}
+  cfg = stage1.Stage1Config(**{**s["cfg"].__dict__, "freeze_sbert": True})
+  trainable_frozen = {k: v for k, v in trainable.items() if k != "sbert"}
+  loss_fr, terms_fr = _loss(s, trainable_frozen, frozen, cfg)
+  np.testing.assert_allclose(loss_fr, loss_ft, rtol=1e-5)
+  for k in terms_ft:
+    np.testing.assert_allclose(terms_fr[k], terms_ft[k], rtol=1e-5, atol=1e-7)
+  # The packed-text batch (several titles per SBERT row) gives the same loss.
+  rows = stage1.packing_rows(s["mask"], 4)
+  packed = stage1.pack_batch_texts(s["batch"], s["ids"], s["mask"], rows)
+  assert packed["packed_text"]["input_ids"].shape[0] < 8   # fewer rows than texts
+  fn = functools.partial(stage1.stage1_loss, models=s["models"], cf_model=s["cf_model"],
+                         cfg=s["cfg"])
+  loss_pk, _ = jax.jit(fn)(trainable, s["frozen"], packed, jax.random.key(0))
+  np.testing.assert_allclose(loss_pk, loss_ft, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(cf_lib.CF_MODELS))
+def test_any_cf_backbone_can_be_aligned(setup, tiny_dataset, name):
+  s = setup
+  cf_model, cf_params = conftest.make_cf(s["config"], tiny_dataset.num_items, name)
+  table = stage1.cf_item_table(cf_model, cf_params)
+  models = stage1.make_models(table.shape[-1], s["models"].sbert, s["cfg"].latent_dim)
+  q_table = stage1.sbert_embed_all(models.sbert, s["sb"].params, s["ids"], s["mask"])
+  trainable = stage1.init_trainable(models, jax.random.key(1), None, True)
+  frozen = {"cf": cf_params, "item_table": table, "text_table": q_table}
+  loss_fn = functools.partial(stage1.stage1_loss, frozen=frozen, batch=s["batch"],
+                              rng=jax.random.key(0), models=models, cf_model=cf_model,
+                              cfg=s["cfg"])
+  (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  assert np.isfinite(float(loss))
+  assert float(jnp.abs(g["item_ae"]["encoder"]["kernel"]).max()) > 0
+
+
+def test_joint_item_embeddings_cf_and_text(setup):
+  s = setup
+  params = stage1.init_trainable(s["models"], jax.random.key(1), s["sb"].params, False)
+  e = stage1.joint_item_embeddings(s["models"], params, source="cf", item_table=s["table"])
+  q = stage1.joint_item_embeddings(s["models"], params, source="text", text_ids=s["ids"],
+                                   text_mask=s["mask"], batch_size=16)
+  n1 = s["table"].shape[0]
+  assert e.shape == (n1, s["cfg"].latent_dim) and q.shape == e.shape
+  assert float(e.min()) > 0 and float(e.max()) < 1     # sigmoid outputs
+  q_item5 = s["models"].text_ae.apply(
+      {"params": params["text_ae"]},
+      s["models"].sbert.apply({"params": s["sb"].params}, s["ids"][5:6], s["mask"][5:6])[0],
+      method=s["models"].text_ae.encode)
+  np.testing.assert_allclose(q[5], q_item5[0], atol=1e-6)
+
+
+def test_text_to_item_recall_on_known_geometry():
+  e = jnp.array([[0, 0], [0, 0], [1, 0], [0, 1], [1, 1]], jnp.float32)
+  q = jnp.array([[9, 9], [0.1, 0], [0.1, 0.05], [0, 0.9], [0.2, 0.9]], jnp.float32)
+  # item 1 -> nearest e_1 (rank 0); item 2 -> e_1 nearer (rank 1); item 3 -> rank 0;
+  # item 4 (0.2, 0.9): e_3 (0,1) d=0.05 vs e_4 (1,1) d=0.65 -> rank 1.
+  r = stage1.text_to_item_recall(q, e, ks=(1, 2))
+  assert r["align/text2item_recall@1"] == 0.5
+  assert r["align/text2item_recall@2"] == 1.0
+
+
+def test_cold_items_bottom_fraction(tiny_dataset):
+  cold = stage1.cold_items(tiny_dataset, 0.35)
+  assert not cold[0] and cold.sum() == int(np.floor(0.35 * tiny_dataset.num_items))
+  counts = tiny_dataset.item_counts
+  assert counts[cold].max() <= counts[1:][~cold[1:]].min()
+
+
+def _run(config, workdir, ds, cf_model, cf_params):
+  return stage1.train_and_evaluate(config, workdir, ds, cf_model, cf_params)
+
+
+def test_train_and_evaluate_resume_equals_uninterrupted(setup, tiny_dataset, tmp_path):
+  s = setup
+  common = dict(freeze_sbert=True, checkpoint_every=2, num_epochs=3)
+  cfg_full = conftest.make_config(s["config"].sbert.path, max_steps=6, **common)
+  cfg_half = conftest.make_config(s["config"].sbert.path, max_steps=3, **common)
+  full = _run(cfg_full, tmp_path / "a", tiny_dataset, s["cf_model"], s["cf_params"])
+  _run(cfg_half, tmp_path / "b", tiny_dataset, s["cf_model"], s["cf_params"])
+  resumed = _run(cfg_full, tmp_path / "b", tiny_dataset, s["cf_model"], s["cf_params"])
+  pa = stage1.load_trained_stage1(cfg_full, tmp_path / "a").params
+  pb = stage1.load_trained_stage1(cfg_full, tmp_path / "b").params
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), pa, pb)
+  for k in ("align/text2item_recall@10", "all/hit@1_text", "all/hit@1_cf"):
+    assert full[k] == resumed[k]
+  lines = [json.loads(x) for x in (tmp_path / "b/stage1/metrics.jsonl").read_text()
+           .splitlines()]
+  assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+  a_lines = [json.loads(x) for x in (tmp_path / "a/stage1/metrics.jsonl").read_text()
+             .splitlines()]
+  np.testing.assert_allclose([x["train/loss"] for x in lines],
+                             [x["train/loss"] for x in a_lines], rtol=1e-6)
+  stored = json.loads((tmp_path / "a/stage1/metrics.json").read_text())
+  for key in ("align/text2item_recall@1", "align/text2item_recall@10", "cold/hit@1_text",
+              "cold/hit@1_cf"):
+    assert key in stored
+  assert json.loads((tmp_path / "a/stage1/finished.json").read_text())["steps"] == 6
+  assert any((tmp_path / "a/stage1/tb").iterdir())
+  # A finished run is not retrained.
+  again = _run(cfg_full, tmp_path / "a", tiny_dataset, s["cf_model"], s["cf_params"])
+  assert again["train/steps"] == 6 and again == json.loads(json.dumps(full))
