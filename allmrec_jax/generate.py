@@ -309,53 +309,70 @@ def _repeat_cache(cache: PyTree, c: int) -> PyTree:
 
 def score_continuations_fn(module: Any, params: PyTree, prompt_ids: Array | None,
                            prompt_embeds: Array | None, prompt_mask: Array,
-                           cont_ids: Array, cont_mask: Array) -> tuple[Array, Array]:
+                           cont_ids: Array, cont_mask: Array,
+                           candidates_per_pass: int | None = None) -> tuple[Array, Array]:
   """Traceable body of `score_continuations` (call it inside your own jit)."""
   params = _variables(params)
   pmask = prompt_mask.astype(jnp.int32)
   pmask, prompt_ids, prompt_embeds = _left_align(pmask, prompt_ids, prompt_embeds)
   b, p = pmask.shape
   _, c, t = cont_ids.shape
-  cmask = cont_mask.astype(jnp.int32).reshape(b * c, t)
-  ids = cont_ids.astype(jnp.int32).reshape(b * c, t)
+  cmask = cont_mask.astype(jnp.int32)
   # Continuations must be right-padded (real tokens first): reorder if not.
-  order = jnp.argsort(cmask == 0, axis=1, stable=True)
-  cmask = jnp.take_along_axis(cmask, order, axis=1)
-  ids = jnp.take_along_axis(ids, order, axis=1)
+  order = jnp.argsort(cmask == 0, axis=-1, stable=True)
+  cmask = jnp.take_along_axis(cmask, order, axis=-1)
+  ids = jnp.where(cmask > 0, jnp.take_along_axis(cont_ids.astype(jnp.int32), order, axis=-1), 0)
 
   dtype = _cache_dtype(module, params)
   window, last_hidden, cache = _prefill(module, params, prompt_ids, prompt_embeds, pmask,
                                         p + t, dtype)
   logp_first = jax.nn.log_softmax(_logits(module, params, last_hidden), axis=-1)  # [B, V]
-  logp_first = jnp.repeat(logp_first, c, axis=0)                                  # [BC, V]
+  n_valid = jnp.sum(pmask, axis=1)
 
-  cache = _repeat_cache(cache, c)
-  window = jnp.repeat(window, c, axis=0).at[:, p:].set(cmask)
-  n_valid = jnp.repeat(jnp.sum(pmask, axis=1), c)
-  positions = (n_valid[:, None] + jnp.maximum(jnp.cumsum(cmask, axis=1) - 1, 0)
-               ).astype(jnp.int32)
-  _, aux = module.apply(params, input_ids=ids, attention_mask=window, positions=positions,
-                        cache=cache, compute_logits=False)
-  hidden = aux["hidden"][:, :-1]                                   # predicts tokens 1..T-1
-  logp_rest = jax.nn.log_softmax(_logits(module, params, hidden), axis=-1)
-  tok_rest = jnp.take_along_axis(logp_rest, ids[:, 1:, None], axis=-1)[..., 0]
-  tok_first = jnp.take_along_axis(logp_first, ids[:, :1], axis=-1)                # [BC, 1]
-  token_logp = jnp.concatenate([tok_first, tok_rest], axis=1) * cmask            # [BC, T]
-  sum_logprob = jnp.sum(token_logp, axis=1).reshape(b, c)
-  num_tokens = jnp.sum(cmask, axis=1).reshape(b, c).astype(jnp.int32)
+  def score_group(ids, cmask):
+    """ids, cmask int32[B, k, T] -> sum of token log-probs float32[B, k]."""
+    k = ids.shape[1]
+    ids, cmask = ids.reshape(b * k, t), cmask.reshape(b * k, t)
+    win = jnp.repeat(window, k, axis=0).at[:, p:].set(cmask)
+    positions = (jnp.repeat(n_valid, k)[:, None]
+                 + jnp.maximum(jnp.cumsum(cmask, axis=1) - 1, 0)).astype(jnp.int32)
+    _, aux = module.apply(params, input_ids=ids, attention_mask=win, positions=positions,
+                          cache=_repeat_cache(cache, k), compute_logits=False)
+    hidden = aux["hidden"][:, :-1]                                 # predicts tokens 1..T-1
+    logp_rest = jax.nn.log_softmax(_logits(module, params, hidden), axis=-1)
+    tok_rest = jnp.take_along_axis(logp_rest, ids[:, 1:, None], axis=-1)[..., 0]
+    tok_first = jnp.take_along_axis(jnp.repeat(logp_first, k, axis=0), ids[:, :1], axis=-1)
+    token_logp = jnp.concatenate([tok_first, tok_rest], axis=1) * cmask          # [Bk, T]
+    return jnp.sum(token_logp, axis=1).reshape(b, k)
+
+  k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
+  if k == c:
+    sum_logprob = score_group(ids, cmask)
+  else:
+    groups = -(-c // k)
+    extra = groups * k - c                                         # empty continuations
+    ids_g = jnp.pad(ids, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
+    cmask_g = jnp.pad(cmask, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
+    out = jax.lax.map(lambda xs: score_group(*xs),
+                      (ids_g.transpose(1, 0, 2, 3), cmask_g.transpose(1, 0, 2, 3)))
+    sum_logprob = out.transpose(1, 0, 2).reshape(b, groups * k)[:, :c]
+  num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
   return sum_logprob, num_tokens
 
 
-_score_jit = jax.jit(score_continuations_fn, static_argnums=(0,))
+_score_jit = jax.jit(score_continuations_fn, static_argnums=(0, 7))
 
 
 def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None = None,
                         prompt_embeds: Array | None = None, prompt_mask: Array,
-                        cont_ids: Array, cont_mask: Array) -> tuple[Array, Array]:
+                        cont_ids: Array, cont_mask: Array,
+                        candidates_per_pass: int | None = None) -> tuple[Array, Array]:
   """Log-likelihood of C continuations per prompt, the prompt run once per row.
 
   The prompt fills a KV cache once; the cache is repeated over the C continuations and
-  all B*C continuations run in one batched pass. Token j of a continuation is scored by
+  all B*C continuations run in one batched pass (or in passes of `candidates_per_pass`
+  continuations per row, each against the same prompt cache, to bound memory: the
+  repeated cache holds B*C copies of the prompt's keys and values). Token j of a continuation is scored by
   log p(cont[j] | prompt, cont[:j]).
 
   Args:
@@ -365,6 +382,8 @@ def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None
     prompt_mask: int32[B, P], 1 = real token, any padding side.
     cont_ids: int32[B, C, T] continuation ids.
     cont_mask: int32[B, C, T], 1 = real token (a row's real tokens are taken in order).
+    candidates_per_pass: None = all C continuations in one pass; k = passes of k per row
+      (`lax.map`; the last pass is padded with empty continuations).
 
   Returns:
     (sum_logprob float32[B, C], num_tokens int32[B, C]); rank by sum / num_tokens for the
@@ -382,5 +401,8 @@ def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None
   if cont_ids.shape[0] != lead.shape[0]:
     raise ValueError(f"score_continuations: batch of cont_ids {cont_ids.shape[0]} != "
                      f"prompt batch {lead.shape[0]}")
+  if candidates_per_pass is not None and candidates_per_pass < 1:
+    raise ValueError(f"score_continuations: candidates_per_pass={candidates_per_pass} must "
+                     "be >= 1 (or None = all at once)")
   return _score_jit(module, params, prompt_ids, prompt_embeds, jnp.asarray(prompt_mask),
-                    jnp.asarray(cont_ids), jnp.asarray(cont_mask))
+                    jnp.asarray(cont_ids), jnp.asarray(cont_mask), candidates_per_pass)

@@ -265,6 +265,18 @@ def _get_dataset(config, dataset):
   return prepare.prepare_dataset(config.data)
 
 
+def _on_mesh(tree: PyTree, mesh) -> PyTree:
+  """Leaves not already spread over the mesh's devices are replicated on it."""
+  rep = sharding.replicated(mesh)
+  n = mesh.devices.size
+
+  def place(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) == n:
+      return x
+    return jax.device_put(x, rep)
+  return jax.tree.map(place, tree)
+
+
 def _mesh(config):
   rules = sharding.axis_rules(config.mesh.get("logical_axis_rules", None))
   return sharding.make_mesh(tuple(config.mesh.shape)), rules
@@ -304,10 +316,9 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   seed = int(config.seed)
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
   params = init_params(model, init_key, maxlen, mesh, rules)
-  replicated = sharding.replicated(mesh)
-  # jit places the optimizer state on the parameters' devices (moments sharded like them).
-  state = {"params": params, "opt_state": jax.jit(tx.init)(params),
-           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+  # The optimizer moments follow the parameters' shardings; scalars are replicated.
+  state = _on_mesh({"params": params, "opt_state": jax.jit(tx.init)(params),
+                    "step": jnp.zeros((), jnp.int32)}, mesh)
 
   mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1,
                                     best_metric=cfc.select_metric)
@@ -315,9 +326,8 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   restored = checkpointing.restore(mngr, abstract={"params": state["params"],
                                                    "opt_state": state["opt_state"]})
   if restored is not None:
-    state = {"params": restored["params"], "opt_state": restored["opt_state"],
-             "step": jax.device_put(jnp.asarray(restored["extra"]["train_step"], jnp.int32),
-                                    replicated)}
+    state = _on_mesh({"params": restored["params"], "opt_state": restored["opt_state"],
+                      "step": jnp.asarray(restored["extra"]["train_step"], jnp.int32)}, mesh)
     start_epoch = int(restored["extra"]["epoch"])
     best = float(restored["extra"]["best"])
     bad = int(restored["extra"]["bad"])

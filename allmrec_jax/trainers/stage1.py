@@ -500,7 +500,6 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   writer = SummaryWriter(str(sdir / "tb"))
-  last_saved = step
   t0, seen, first_step = time.perf_counter(), 0, step
   try:
     with open(jsonl, "a") as log_f, tqdm.tqdm(total=total_steps, initial=step,
@@ -530,11 +529,9 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
         if step % ckpt_every == 0 or step == total_steps:
           checkpointing.save(manager, step, params=trainable, opt_state=opt_state,
                              extra={"step": step, "iterator": iterator.get_state()})
-          last_saved = step
   finally:
     writer.flush()
     writer.close()
-  del last_saved
 
   params = dict(trainable)
   params.setdefault("sbert", sb.params)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterator
-
 import ml_dtypes
 import numpy as np
 
@@ -125,7 +123,3 @@ def directory_source(directory: pathlib.Path) -> TensorSource:
   if files:
     return TorchBinSource(files)
   raise FileNotFoundError(f"{directory}: no model.safetensors / pytorch_model*.bin weights")
-
-
-def iter_names(source: TensorSource) -> Iterator[str]:
-  yield from source.names()

@@ -191,3 +191,13 @@ def test_sasrec_matches_torch_reference():
   real = seq != 0
   np.testing.assert_allclose(np.asarray(pl)[real], ref_pos[real], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(nl)[real], ref_neg[real], rtol=1e-4, atol=1e-4)
+
+
+def test_nextitnet_causal_conv_equals_dilated_conv():
+  """The matmul form of the causal conv equals nn.Conv with dilation and left padding."""
+  from allmrec_jax.models.cf.nextitnet import CausalConv  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 9, 5))
+  conv = CausalConv(4, 3, 2)
+  p = nn.unbox(conv.init(jax.random.key(1), x))["params"]
+  ref = nn.Conv(4, (3,), kernel_dilation=(2,), padding=[(4, 0)]).apply({"params": p}, x)
+  np.testing.assert_allclose(conv.apply({"params": p}, x), ref, atol=1e-5)

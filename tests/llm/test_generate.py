@@ -29,7 +29,7 @@ PAD = 0
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """(our module, our params, transformers model) of one tiny random Llama."""
+  """(our module, our params, transformers model, model dir) of one tiny random Llama."""
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
       vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -42,7 +42,7 @@ def tiny(tmp_path_factory):
   config, source, _ = llm_weights.read_config(path)
   module = llm_weights.llm_models.make_decoder(config)
   params = llm_weights.load_params(module, config, source)
-  return module, params, hf
+  return module, params, hf, path
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +68,7 @@ def _hf_generate(hf, ids, mask, n, eos, penalty=1.0):
 
 
 def test_greedy_left_padded_batch_matches_transformers_with_eos(tiny):
-  module, params, hf = tiny
+  module, params, hf, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   n = 12
   free = gen.generate(module, params, input_ids=ids, attention_mask=mask, max_new_tokens=n,
@@ -93,7 +93,7 @@ def test_greedy_left_padded_batch_matches_transformers_with_eos(tiny):
 
 
 def test_repetition_penalty_matches_transformers(tiny):
-  module, params, hf = tiny
+  module, params, hf, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   n = 12
   out = gen.generate(module, params, input_ids=ids, attention_mask=mask, max_new_tokens=n,
@@ -105,7 +105,7 @@ def test_repetition_penalty_matches_transformers(tiny):
 
 
 def test_inputs_embeds_prompt_equals_ids_prompt(tiny):
-  module, params, _ = tiny
+  module, params, _, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   embeds = module.apply({"params": params}, jnp.asarray(ids), method=module.embed)
   a = gen.generate(module, params, input_ids=ids, attention_mask=mask, max_new_tokens=12,
@@ -116,7 +116,7 @@ def test_inputs_embeds_prompt_equals_ids_prompt(tiny):
 
 
 def test_right_padded_prompt_is_left_aligned(tiny):
-  module, params, _ = tiny
+  module, params, _, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   rids, rmask = np.zeros_like(ids), np.zeros_like(mask)
   for i, r in enumerate(PROMPTS):
@@ -130,7 +130,7 @@ def test_right_padded_prompt_is_left_aligned(tiny):
 
 
 def test_sampling(tiny):
-  module, params, _ = tiny
+  module, params, _, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_id=None, pad_id=PAD)
   greedy = np.asarray(gen.generate(module, params, **kw).tokens)
@@ -203,7 +203,7 @@ def _full_forward_logprobs(apply_fn, pairs):
 
 
 def test_score_continuations_matches_full_forward_and_transformers(tiny):
-  module, params, hf = tiny
+  module, params, hf, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   cids, cmask = _conts(CONTS)
   total, count = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
@@ -223,6 +223,12 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   flat = np.asarray(total).reshape(-1)
   np.testing.assert_allclose(flat, _full_forward_logprobs(ours, pairs), atol=1e-4, rtol=0)
   np.testing.assert_allclose(flat, _full_forward_logprobs(theirs, pairs), atol=1e-4, rtol=0)
+  # Two passes of 3 continuations (the second padded) give the same scores.
+  total_k, count_k = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+                                             cont_ids=cids, cont_mask=cmask,
+                                             candidates_per_pass=3)
+  np.testing.assert_allclose(total_k, total, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(count_k, count)
   # Soft-prompt path: the same prompt as embeddings scores the same.
   embeds = module.apply({"params": params}, jnp.asarray(ids), method=module.embed)
   total_e, _ = gen.score_continuations(module, params, prompt_embeds=embeds, prompt_mask=mask,
@@ -230,8 +236,30 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   np.testing.assert_allclose(total_e, total, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_sharded_params_give_the_same_results(tiny):
+  from allmrec_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  module, params, _, path = tiny
+  mesh = shd.make_mesh((2, 2, 2))
+  config, source, _ = llm_weights.read_config(path)
+  sharded = llm_weights.load_params(module, config, source, mesh, None)
+  assert max(shd.num_shards(x) for x in jax.tree.leaves(sharded)) > 1  # really split
+  ids, mask = _left_padded(PROMPTS)
+  cids, cmask = _conts(CONTS)
+  kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_id=None, pad_id=PAD)
+  ref = gen.generate(module, params, **kw)
+  ref_score, _ = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+                                         cont_ids=cids, cont_mask=cmask)
+  with shd.activate(mesh):
+    out = gen.generate(module, sharded, **kw)
+    score, _ = gen.score_continuations(module, sharded, prompt_ids=ids, prompt_mask=mask,
+                                       cont_ids=cids, cont_mask=cmask)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(score, ref_score, atol=1e-4, rtol=0)
+
+
 def test_bad_inputs_raise(tiny):
-  module, params, _ = tiny
+  module, params, _, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   with pytest.raises(ValueError, match="exactly one of input_ids"):
     gen.generate(module, params, attention_mask=mask, max_new_tokens=2, eos_id=None, pad_id=0)

@@ -5,7 +5,6 @@ with the parameters really split. Run with XLA_FLAGS=--xla_force_host_platform_d
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -15,7 +15,6 @@ import transformers
 
 from allmrec_jax.models import llm as llm_models
 from allmrec_jax.weights import gguf as gguf_lib
-from allmrec_jax.weights import hf as hf_lib
 from allmrec_jax.weights import llm as llm_lib
 
 WORDS = ["<unk>", "<pad>", "</s>", "the", "movie", "is", "good", "bad", "a", "toy", "story"]

@@ -12,6 +12,7 @@ cannot leak. Defaults follow RecBole (kernel 3, dilations [1, 4], 5 blocks).
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from allmrec_jax import common_types as ct
 from allmrec_jax.models.cf import common
@@ -20,19 +21,28 @@ Array = ct.Array
 
 
 class CausalConv(nn.Module):
-  """1-D causal dilated convolution over float[B, L, D]."""
+  """1-D causal dilated convolution over float[B, L, D], computed as one matmul.
+
+  y_t = b + sum_j x_{t - (k-1-j) d} W_j   (x_{<0} = 0), i.e. nn.Conv with kernel
+  (k, D_in, D_out), kernel_dilation d and (k-1)d zeros padded on the left; the k shifted
+  copies are concatenated and multiplied once (XLA's dilated-conv backward is slow on CPU).
+  """
   features: int
   kernel_size: int
   dilation: int
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    fan_in = x.shape[-1] * self.kernel_size
-    return nn.Conv(self.features, (self.kernel_size,), kernel_dilation=(self.dilation,),
-                   padding=[((self.kernel_size - 1) * self.dilation, 0)],
-                   kernel_init=common.logical(common.xavier_normal, (None, ct.EMBED, ct.MLP)),
-                   bias_init=common.logical(common.torch_default_bias(fan_in), (ct.MLP,)),
-                   name="conv")(x)
+    k, d = self.kernel_size, self.dilation
+    d_in = x.shape[-1]
+    kernel = self.param("kernel", common.logical(common.xavier_normal, (None, ct.EMBED, ct.MLP)),
+                        (k, d_in, self.features))
+    bias = self.param("bias", common.logical(common.torch_default_bias(d_in * k), (ct.MLP,)),
+                      (self.features,))
+    length = x.shape[1]
+    pad = jnp.pad(x, ((0, 0), ((k - 1) * d, 0), (0, 0)))
+    taps = [pad[:, j * d:j * d + length] for j in range(k)]  # tap j = x_{t-(k-1-j)d}
+    return jnp.concatenate(taps, axis=-1) @ kernel.reshape(k * d_in, self.features) + bias
 
 
 class ResidualBlock(nn.Module):

@@ -3,7 +3,7 @@ optional project_in/project_out when word_embed_proj_dim != hidden_size, tied LM
 
 Parameter tree (flax names; kernels are [in..., out...]):
   embed/embedding                        [V, Ew]       (vocab, embed)   Ew = word_embed_proj_dim
-  pos_embed/embedding                    [P + 2, E]    (None, embed)
+  pos_embed                              [P + 2, E]    (replicated)
   project_in/kernel, project_out/kernel  [Ew, E], [E, Ew]  (only when Ew != E)
   layers_{i}/attn_norm/{scale,bias}      [E]
   layers_{i}/attn/{q,k,v}/{kernel,bias}  [E, H, Dh], [H, Dh]
@@ -131,7 +131,7 @@ class OPTDecoder(nn.Module):
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     self.embedder = Embed(c.vocab_size, c.embed_dim, name="embed", **kw)
     self.pos_embedding = self.param(
-        "pos_embed", nn.with_logical_partitioning(default_kernel_init, (None, ct.EMBED)),
+        "pos_embed", nn.with_logical_partitioning(default_kernel_init, (None, None)),  # small: replicated
         (c.max_position_embeddings + POSITION_OFFSET, c.hidden_size), jnp.dtype(c.param_dtype))
     if c.has_projections:
       self.project_in = DenseGeneral((c.hidden_size,), (None, ct.EMBED), name="project_in", **kw)
