@@ -14,6 +14,11 @@ default) and the decoding options (temperature, top-p, penalty, EOS ids) are tra
 so one run compiles one program per (batch, prompt bucket, max_new_tokens, ids-or-embeds,
 number of EOS ids).
 
+The decode loop runs inside the one compiled program: the KV cache is created, filled and
+updated in place (`dynamic_update_slice` on the while-loop carry) without leaving the
+device, so there is no per-token host sync, no per-step dispatch and nothing to donate.
+Every step attends over the whole fixed window [0, P + N) with the mask hiding empty slots.
+
 Repetition penalty semantics (transformers' `RepetitionPenaltyLogitsProcessor`, v5):
 the tokens "seen" are the prompt's real token ids (padding ignored) plus every generated
 token; a seen token's logit is divided by the penalty when positive, multiplied when

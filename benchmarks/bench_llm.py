@@ -3,9 +3,8 @@ r"""Prefill and decode throughput: our jitted KV-cache `generate` vs transformer
 SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32 by both sides), batch 4,
 300-token prompts, 32 new tokens, greedy, no early EOS, on the CPU.
 
-Run (both sides in one process, medians of --runs):
-  XLA_FLAGS="--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2" \
-  JAX_PLATFORMS=cpu python benchmarks/bench_llm.py --runs=5 --torch_threads=2
+Run (both sides in one process, medians of --runs; XLA uses the machine's 2 cores):
+  JAX_PLATFORMS=cpu python benchmarks/bench_llm.py --runs=3 --torch_threads=2,1
 
 Method: prefill time = `generate(max_new_tokens=1)` (prompt forward + first token);
 decode time = `generate(max_new_tokens=32)` - prefill time, for the 31 further tokens.
@@ -33,7 +32,7 @@ flags.DEFINE_integer("batch", 4, "prompts per batch")
 flags.DEFINE_integer("prompt_len", 300, "tokens per prompt")
 flags.DEFINE_integer("new_tokens", 32, "generated tokens")
 flags.DEFINE_integer("runs", 5, "timed runs per measurement (median reported)")
-flags.DEFINE_list("torch_threads", ["2"], "torch.set_num_threads values to measure")
+flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values to measure")
 flags.DEFINE_string("llm", "smollm2-135m", "model (see launch/generate.py --llm)")
 
 
@@ -80,6 +79,11 @@ def _hf_model(loaded):
   return model
 
 
+def results_ours(prefill_s, total_s, b, p, n):
+  return {"prefill_s": prefill_s, "total_s": total_s, "prefill_tok_s": b * p / prefill_s,
+          "decode_tok_s": b * (n - 1) / (total_s - prefill_s)}
+
+
 def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
@@ -105,6 +109,8 @@ def main(argv):
   ours_prefill = _median_time(lambda: ours(1), FLAGS.runs)
   ours_total = _median_time(lambda: ours(n), FLAGS.runs)
 
+  print(json.dumps({"ours": results_ours(ours_prefill, ours_total, b, p, n),
+                    "loadavg": _loadavg()}), flush=True)
   hf = _hf_model(loaded)
   ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
@@ -116,9 +122,7 @@ def main(argv):
 
   results = {"device": jax.devices()[0].device_kind, "batch": b, "prompt_len": p,
              "new_tokens": n, "runs": FLAGS.runs,
-             "ours": {"prefill_s": ours_prefill, "total_s": ours_total,
-                      "prefill_tok_s": b * p / ours_prefill,
-                      "decode_tok_s": b * (n - 1) / (ours_total - ours_prefill)}}
+             "ours": results_ours(ours_prefill, ours_total, b, p, n)}
   for threads in FLAGS.torch_threads:
     torch.set_num_threads(int(threads))
     theirs_tokens = theirs(n)   # warm-up
@@ -133,6 +137,8 @@ def main(argv):
     results[f"speedup_vs_{threads}threads"] = {
         "prefill": results["ours"]["prefill_tok_s"] / results[key]["prefill_tok_s"],
         "decode": results["ours"]["decode_tok_s"] / results[key]["decode_tok_s"]}
+    print(json.dumps({key: results[key], "speedup": results[f"speedup_vs_{threads}threads"],
+                      "loadavg": _loadavg()}), flush=True)
   results["loadavg_before"] = load_before
   results["loadavg_after"] = _loadavg()
 

@@ -200,22 +200,43 @@ class Evaluator:
 
 
 def _breakdown_groups(dataset, split: str, users: np.ndarray) -> dict[str, np.ndarray]:
-  """User masks of the scenario groups (cold/warm target items) when available."""
+  """bool[Ue] user masks of the cold / warm target-item groups (scenarios module)."""
   try:
     from allmrec_jax.data import scenarios  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    groups = scenarios.cold_warm_users(dataset, split)
+  except (ImportError, AttributeError, ValueError) as e:
+    logging.warning("cf: cold/warm breakdown unavailable: %s", e)
     return {}
-  groups = {}
-  fn = getattr(scenarios, "cold_warm_users", None) or getattr(scenarios, "item_groups", None)
-  try:
-    if fn is not None:
-      res = fn(dataset, split) if fn.__name__ == "cold_warm_users" else None
-      if isinstance(res, dict):
-        for name, ids in res.items():
-          groups[name] = np.isin(users, np.asarray(ids))
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("cf: scenario breakdown unavailable: %s", e)
-  return groups
+  return {name: np.isin(users, np.asarray(ids)) for name, ids in groups.items()}
+
+
+def cold_user_metrics(model: nn.Module, params: PyTree, dataset, maxlen: int,
+                      prefix: str = "test/cold_user/") -> dict[str, float]:
+  """20-candidate metrics of the dataset's stored cold users (3 items: 2 history + target).
+
+  Empty when the dataset stores none (MovieLens: use `scenarios.cold_user_split`, train on
+  its `train` dataset and call this with that split's arrays via `ranks_of_sequences`).
+  """
+  if getattr(dataset, "cold_user_items", np.zeros((0, 3))).shape[0] == 0:
+    return {}
+  from allmrec_jax.data import scenarios  # pylint: disable=g-import-not-at-top
+  split = scenarios.cold_user_split(dataset, num_users=0)
+  a = split.eval_arrays(maxlen=maxlen)
+  ranks = ranks_of_sequences(model, params, a["seq"], a["candidates"])
+  out = metrics_lib.metrics_from_ranks(ranks, (1, 5, 10), prefix)
+  out[f"{prefix}num_users"] = float(ranks.size)
+  return out
+
+
+def ranks_of_sequences(model: nn.Module, params: PyTree, seq: np.ndarray,
+                       candidates: np.ndarray, target_col: int = 0) -> np.ndarray:
+  """int32[B] rank of candidates[:, target_col] given sequences int32[B, L] (jitted)."""
+  @jax.jit
+  def f(params, seq, cands):
+    user = model.apply({"params": params}, seq, method="user_representation")
+    return metrics_lib.rank_of_target(
+        model.apply({"params": params}, user, cands, method="score_users"), target_col)
+  return np.asarray(f(params, jnp.asarray(seq), jnp.asarray(candidates)))
 
 
 # ---------------------------------------------------------------------------- io helpers
@@ -412,6 +433,7 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   final.update(evaluator.evaluate(params, "valid"))
   t1 = time.perf_counter()
   final.update(evaluator.evaluate(params, "test", breakdown=True))
+  final.update(cold_user_metrics(model, params, dataset, maxlen))
   final["test/eval_time_s"] = time.perf_counter() - t1
   final["model"] = str(cfc.model)
   final["seed"] = seed

@@ -147,24 +147,6 @@ def make_optimizer(cfg: Stage1Config) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=1e-8)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _sbert_forward(module: bert.BertEncoder, params, ids, mask):
-  return module.apply({"params": params}, ids, mask)[0]
-
-
-def sbert_embed_all(module: bert.BertEncoder, params: PyTree, ids: np.ndarray,
-                    mask: np.ndarray, batch_size: int = 256) -> Array:
-  """float[N+1, t] SBERT embeddings of the whole token table (deterministic)."""
-  n = ids.shape[0]
-  batch_size = max(1, min(batch_size, n))
-  pad = (-n) % batch_size
-  ids_p = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-  mask_p = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-  outs = [_sbert_forward(module, params, ids_p[i:i + batch_size], mask_p[i:i + batch_size])
-          for i in range(0, n + pad, batch_size)]
-  return jnp.concatenate(outs)[:n]
-
-
 def packing_rows(text_mask: np.ndarray, batch_size: int, slack: float = 1.3) -> tuple[int, ...]:
   """Static row counts for packing the 2B texts of a batch into rows of T tokens.
 
@@ -195,6 +177,34 @@ def pack_batch_texts(batch: dict[str, np.ndarray], text_ids: np.ndarray,
     if packed is not None:
       return {**batch, "packed_text": packed}
   raise AssertionError("pack_batch_texts: the last bucket (2B rows) always fits")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sbert_forward_packed(module: bert.BertEncoder, params, packed, num_texts: int):
+  return module.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
+                      positions=packed["positions"], segment_ids=packed["segment_ids"],
+                      text_index=packed["text_index"], num_texts=num_texts)[0]
+
+
+def sbert_embed_all(module: bert.BertEncoder, params: PyTree, ids: np.ndarray,
+                    mask: np.ndarray, batch_size: int = 256) -> Array:
+  """float[N+1, t] SBERT embeddings of the whole token table (deterministic).
+
+  Chunks of `batch_size` texts, each packed several texts per row (`bert.pack_texts`;
+  same embeddings as one row per text).
+  """
+  n = ids.shape[0]
+  batch_size = max(1, min(batch_size, n))
+  pad = (-n) % batch_size
+  ids_p = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+  mask_p = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
+  buckets = packing_rows(mask, -(-batch_size // 2))
+  outs = []
+  for i in range(0, n + pad, batch_size):
+    b = {"pos": np.zeros(0, np.int64), "neg": np.arange(i, i + batch_size)}
+    packed = pack_batch_texts(b, ids_p, mask_p, buckets)["packed_text"]
+    outs.append(_sbert_forward_packed(module, params, packed, batch_size))
+  return jnp.concatenate(outs)[:n]
 
 
 def cf_variables(cf_params: PyTree) -> PyTree:

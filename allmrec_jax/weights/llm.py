@@ -206,38 +206,41 @@ def load_params(module, config, source: hf_lib.TensorSource, mesh=None, rules=No
 def grow_vocab(params: Any, config, new_vocab: int, new_ids: Sequence[int], mesh=None,
                rules=None):
   """Grows the embedding (and untied head) to `new_vocab` rows and sets rows `new_ids` to the
-  mean of the first `config.vocab_size` rows. Returns (params, new config)."""
+  mean of the first `config.vocab_size` rows. Only the two tables are rebuilt (each
+  straight into its sharding); the other parameters are untouched. Returns (params, config).
+  """
   import dataclasses  # pylint: disable=import-outside-toplevel
   old = config.vocab_size
   new_config = dataclasses.replace(config, vocab_size=max(new_vocab, old))
-  ids = jnp.asarray(np.asarray(list(new_ids), np.int32))
-  module = llm_models.make_decoder(new_config)
+  ids = np.asarray(list(new_ids), np.int32)
+  pad = new_config.vocab_size - old
   shardings = None
   if mesh is not None:
+    module = llm_models.make_decoder(new_config)
     shardings = param_shardings(abstract_params(module, new_config), mesh, rules)
 
   def fix(table, axis):
-    # table: [V, E] (axis 0) or [E, V] (axis 1)
-    mean = jnp.mean(table[:old] if axis == 0 else table[:, :old], axis=axis, keepdims=True)
-    pad = new_config.vocab_size - old
-    if pad:
-      widths = [(0, pad), (0, 0)] if axis == 0 else [(0, 0), (0, pad)]
-      table = jnp.pad(table, widths)
+    """table [V, E] (axis 0) or [E, V] (axis 1) -> grown table with mean rows at `ids`."""
+    t = table if axis == 0 else table.T
+    mean = jnp.mean(t[:old].astype(jnp.float32), axis=0).astype(t.dtype)
+    t = jnp.pad(t, [(0, pad), (0, 0)]) if pad else t
     if ids.size:
-      table = (table.at[ids].set(jnp.broadcast_to(mean, (ids.size, table.shape[1])).astype(table.dtype))
-               if axis == 0 else
-               table.at[:, ids].set(jnp.broadcast_to(mean, (table.shape[0], ids.size)).astype(table.dtype)))
-    return table
+      t = t.at[jnp.asarray(ids)].set(jnp.broadcast_to(mean, (ids.size, t.shape[1])))
+    return t if axis == 0 else t.T
 
-  def update(p):
-    p = jax.tree.map(lambda x: x, p)  # shallow copy of the dict structure
-    p["embed"] = {"embedding": fix(p["embed"]["embedding"], 0)}
-    if "lm_head" in p:
-      p["lm_head"] = {"kernel": fix(p["lm_head"]["kernel"], 1)}
-    return p
+  def rebuild(table, axis, sharding):
+    fn = jax.jit(lambda x: fix(x, axis), out_shardings=sharding)
+    return fn(table)
 
-  out = jax.jit(update, out_shardings=shardings)(params) if shardings is not None else jax.jit(update)(params)
-  return out, new_config
+  params = dict(params)
+  params["embed"] = {"embedding": rebuild(
+      params["embed"]["embedding"], 0,
+      shardings["embed"]["embedding"] if shardings is not None else None)}
+  if "lm_head" in params:
+    params["lm_head"] = {"kernel": rebuild(
+        params["lm_head"]["kernel"], 1,
+        shardings["lm_head"]["kernel"] if shardings is not None else None)}
+  return params, new_config
 
 
 def _gguf_tokenizer_cache(gguf_path: pathlib.Path) -> tuple[pathlib.Path, str]:

@@ -29,6 +29,7 @@ def test_train_resume_skip_load(tmp_path, pattern_dataset):
   for key in ("test/hit@5", "test/mrr", "test/ndcg@10_neg100", "test/recall@10",
               "test/recall@20", "test/ndcg@10", "test/ndcg@20", "valid/hit@1"):
     assert 0.0 <= m_a[key] <= 1.0
+  assert "test/warm/hit@1" in m_a and "test/cold/num_users" in m_a  # item-group breakdown
   out = wd_a / "cf"
   assert (out / "FINISHED").exists() and (out / "metrics.json").exists()
   log = _jsonl(out / "metrics.jsonl")
@@ -77,3 +78,19 @@ def test_other_backbones_train(tmp_path, pattern_dataset, name):
   config = tiny_config(name, num_epochs=20, eval_every=20)
   _, _, m = cf_trainer.train_and_evaluate(config, tmp_path, pattern_dataset)
   assert m["test/hit@1"] > 0.15, m   # random: 0.05
+
+
+def test_cold_user_metrics(pattern_dataset):
+  """Stored cold users (3 items) are ranked among their 20 stored candidates."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from allmrec_jax.models import cf as cf_lib  # pylint: disable=g-import-not-at-top
+  cold = np.array([[1, 2, 3], [10, 12, 14], [50, 51, 52]], np.int32)
+  ds = dataclasses.replace(pattern_dataset, cold_user_items=cold)
+  model = cf_lib.make_cf_model(dict(model="gru4rec", hidden_dim=8), ds.num_items)
+  seq = np.zeros((1, 12), np.int32)
+  params = model.init(jax.random.key(0), seq, seq, seq)["params"]
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  m = cf_trainer.cold_user_metrics(model, nn.unbox(params), ds, 12)
+  assert m["test/cold_user/num_users"] == 3
+  assert 0 <= m["test/cold_user/hit@1"] <= m["test/cold_user/hit@5"] <= 1
+  assert cf_trainer.cold_user_metrics(model, nn.unbox(params), pattern_dataset, 12) == {}

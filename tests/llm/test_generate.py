@@ -104,6 +104,25 @@ def test_repetition_penalty_matches_transformers(tiny):
   assert (ref != plain).any()  # the penalty really changed something
 
 
+def test_opt_greedy_and_penalty_match_transformers(tmp_path):
+  torch.manual_seed(0)
+  cfg = transformers.OPTConfig(
+      vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+      max_position_embeddings=64, word_embed_proj_dim=32, init_std=0.3, pad_token_id=PAD,
+      bos_token_id=1, eos_token_id=2)
+  hf = transformers.OPTForCausalLM(cfg).eval()
+  hf.save_pretrained(tmp_path)
+  config, source, _ = llm_weights.read_config(tmp_path)
+  module = llm_weights.llm_models.make_decoder(config)
+  params = llm_weights.load_params(module, config, source)
+  ids, mask = _left_padded(PROMPTS)
+  for penalty in (1.0, 1.5):
+    out = gen.generate(module, params, input_ids=ids, attention_mask=mask, max_new_tokens=12,
+                       eos_id=None, pad_id=PAD, repetition_penalty=penalty)
+    np.testing.assert_array_equal(out.tokens, _hf_generate(hf, ids, mask, 12, eos=[],
+                                                           penalty=penalty))
+
+
 def test_inputs_embeds_prompt_equals_ids_prompt(tiny):
   module, params, _, _ = tiny
   ids, mask = _left_padded(PROMPTS)
@@ -363,3 +382,45 @@ def test_smollm_score_continuations_matches_transformers(smollm):
   # (the cache-free forward of our own module is compared in the tiny test above)
   np.testing.assert_allclose(flat, _full_forward_logprobs(theirs, pairs), atol=1e-4, rtol=0)
   assert np.argmax(np.asarray(total[0]) / np.asarray(count[0])) == 0  # " Paris."
+
+
+# ---------------------------------------------------------------------------------------
+# The launcher, end to end on a tiny random model that carries a real tokenizer.
+
+
+@pytest.mark.slow
+def test_launch_generate_prints_the_continuation(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax import assets  # pylint: disable=import-outside-toplevel
+  gguf = assets.get_asset("smollm2-135m")
+  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+  torch.manual_seed(1)
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, initializer_range=0.5,
+      tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+  hf = transformers.LlamaForCausalLM(cfg).eval()
+  hf.save_pretrained(tmp_path)
+  tok.save_pretrained(tmp_path)
+  prompt = "The capital of France is"
+  ids = torch.tensor([tok(prompt)["input_ids"]])
+  with torch.no_grad():
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=6, repetition_penalty=1.5,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  expected = tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+  assert expected.strip()  # a real continuation, not an immediate EOS
+  root = pathlib.Path(__file__).resolve().parents[2]
+  proc = subprocess.run(
+      [sys.executable, str(root / "launch" / "generate.py"), f"--llm={tmp_path}",
+       f"--prompt={prompt}", "--max_new_tokens=6", "--repetition_penalty=1.5"],
+      capture_output=True, text=True, timeout=300, cwd=root,
+      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.rstrip("\n") == expected
+  bad = subprocess.run([sys.executable, str(root / "launch" / "generate.py"),
+                        f"--batch={tmp_path / 'none.txt'}"],
+                       capture_output=True, text=True, timeout=120, cwd=root)
+  assert bad.returncode != 0 and "none.txt: no such file" in bad.stderr

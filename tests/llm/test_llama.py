@@ -224,7 +224,7 @@ def smollm():
     name = gguf_lib.GGUFSource.hf_name(t.name)
     if name is not None:
       w = proc.process(weights=gguf_lib.tensor_array(header, t), name=t.name).weights
-      state[name] = torch.from_numpy(np.ascontiguousarray(w))
+      state[name] = torch.from_numpy(np.array(w))
   missing, unexpected = model.load_state_dict(state, strict=False)
   assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
   model.tie_weights()
