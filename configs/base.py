@@ -68,6 +68,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.sbert.max_len = 64            # token length of the padded item-text table (trimmed to
                                   #   the longest item text, rounded up to 8, when shorter)
   c.sbert.dtype = "float32"       # SBERT compute/param dtype
+  c.sbert.normalize = "auto"      # final L2 normalisation: "auto" = as modules.json says;
+                                  #   "false" = raw pooled embedding (the paper's SBERT,
+                                  #   nq-distilbert-base-v1, has none); "true" = force it
 
   # ---------------------------------------------------------------- LLM
   c.llm = ml_collections.ConfigDict()
@@ -94,6 +97,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1.log_every = 1          # steps between metrics.jsonl / TensorBoard records
   c.stage1.eval_batch_size = 256  # items / users per batch when computing alignment metrics
   c.stage1.cold_fraction = 0.35   # cold items = bottom 35% by interaction count (paper)
+  c.stage1.text_standardize = False  # feed (Q - mean) / std to f_T (per dimension, stats of
+                                  #   the pretrained SBERT over all items, computed once)
   c.stage1.pack_texts = True      # pack several short item texts per SBERT row (same
                                   #   embeddings, far fewer padded tokens); False = one per row
 

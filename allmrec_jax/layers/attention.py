@@ -33,8 +33,8 @@ def init_kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, 
 
 
 def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
-                       cache: Cache | None, positions: ct.Array | None
-                       ) -> tuple[ct.Array, ct.Array]:
+                       cache: Cache | None, positions: ct.Array | None,
+                       sliding_window: int | None = None) -> tuple[ct.Array, ct.Array]:
   """The boolean attention pattern and the positions of T new tokens.
 
   Args:
@@ -43,6 +43,7 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
     batch, length: B and T.
     cache: the KV cache or None.
     positions: int[B, T] or None = cumsum(mask) - 1 at the new tokens' slots, clipped at 0.
+    sliding_window: if set, query slot i also needs i - j < sliding_window.
 
   Returns:
     (bool[B, T, S] mask: query t (slot end + t) sees key slot j iff mask[j] and j <= end + t,
@@ -63,6 +64,8 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
     valid = attention_mask.astype(bool)
   query_slots = end + jnp.arange(length, dtype=jnp.int32)                   # [T]
   causal = slots[None, :] <= query_slots[:, None]                           # [T, S]
+  if sliding_window is not None:
+    causal &= query_slots[:, None] - slots[None, :] < sliding_window
   mask = valid[:, None, :] & causal[None, :, :]
   if positions is None:
     full = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1

@@ -26,14 +26,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (ct.NORM,)),
                        (x.shape[-1],), self.param_dtype)
     xf = x.astype(jnp.float32)
-    import os
-    if os.environ.get("NORMV") == "pair":
-      e = x.shape[-1]
-      sq = (xf * xf).reshape(x.shape[:-1] + (24, e // 24))
-      ms = jnp.sum(jnp.sum(sq, axis=-1), axis=-1, keepdims=True) / e
-    else:
-      ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    y = xf * jnp.reciprocal(jnp.sqrt(ms + self.eps))
+    y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
     # transformers casts back to the input dtype before the scale multiply.
     return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 

@@ -66,8 +66,12 @@ def make_model(config, num_items: int) -> cf_models.CFSurface:
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """Adam(lr, b1, b2) as in SASRec's code (optional global-norm clipping)."""
-  tx = optax.adam(config.cf.lr, b1=config.cf.b1, b2=config.cf.b2)
-  clip = float(_cf(config, "grad_clip", 0.0) or 0.0)
+  return _adam(float(config.cf.lr), float(config.cf.b1), float(config.cf.b2),
+               float(_cf(config, "grad_clip", 0.0) or 0.0))
+
+
+def _adam(lr: float, b1: float, b2: float, clip: float) -> optax.GradientTransformation:
+  tx = optax.adam(lr, b1=b1, b2=b2)
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
@@ -112,6 +116,21 @@ def train_epoch(model, tx, loss_fn, base_key, state, batches):
                       state, batches)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_epoch(model, loss: str, lr: float, b1: float, b2: float, clip: float):
+  """jit(train_epoch) cached per (model, optimizer) so reruns in one process reuse it."""
+  tx = _adam(lr, b1, b2, clip)
+
+  def run(state, batches, dropout_key):
+    return train_epoch(model, tx, losses.CF_LOSSES[loss], dropout_key, state, batches)
+  return jax.jit(run, donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_ranks(model):
+  return jax.jit(functools.partial(eval_ranks, model))
+
+
 def eval_ranks(model: nn.Module, params: PyTree, seq: jax.Array, cand20: jax.Array,
                cand101: jax.Array, target: jax.Array, history: jax.Array
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -145,7 +164,7 @@ class Evaluator:
     self.maxlen = maxlen
     self.chunk = int(chunk)
     self._arrays: dict[str, dict[str, np.ndarray]] = {}
-    self._ranks = jax.jit(functools.partial(eval_ranks, model))
+    self._ranks = _jitted_ranks(model)
 
   def arrays(self, split: str) -> dict[str, np.ndarray]:
     """Evaluation inputs of `split` for users with a target (cached)."""
@@ -369,8 +388,9 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     bs = [pipe[(epoch - 1) * spe + s] for s in range(spe)]
     return {k: np.stack([b[k] for b in bs]) for k in keys}
 
-  run_epoch = jax.jit(functools.partial(train_epoch, model, tx, loss_fn, dropout_key),
-                      donate_argnums=(0,))
+  epoch_fn = _jitted_epoch(model, str(cfc.loss), float(cfc.lr), float(cfc.b1), float(cfc.b2),
+                           float(_cf(config, "grad_clip", 0.0) or 0.0))
+  run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
   evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)))
   tb = _TB(out_dir / "tb")
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)

@@ -210,11 +210,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
   if "cf" in stages:
     _, _, out = cf_lib.train_and_evaluate(config, workdir, ds)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  cf_variables = {"params": cf_params}
   if "stage1" in stages:
     out = stage1_lib.train_and_evaluate(config, workdir, ds, cf_model, cf_params)
   if "stage2" in stages:
-    tables = stage1_tables(config, workdir, ds, cf_model, cf_params)
-    out = run_stage2(config, workdir, ds, cf_model=cf_model, cf_params=cf_params,
+    tables = stage1_tables(config, workdir, ds, cf_model, cf_variables)
+    out = run_stage2(config, workdir, ds, cf_model=cf_model, cf_params=cf_variables,
                      tables=tables, mesh=mesh, rules=rules)
     print(results_table(out, [b.strip() for b in str(config.eval.baselines).split(",")
                               if b.strip()], f"{config.eval.split}/"))

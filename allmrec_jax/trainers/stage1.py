@@ -73,6 +73,7 @@ class Stage1Config:
   eval_batch_size: int = 256
   cold_fraction: float = 0.35
   pack_texts: bool = True
+  text_standardize: bool = False
   maxlen: int = 50          # config.data.maxlen (CF input length)
   text_max_len: int = 64    # config.sbert.max_len
   seed: int = 0             # config.seed
@@ -220,6 +221,21 @@ def cf_item_table(cf_model, cf_params) -> Array:
   return cf_model.apply(cf_variables(cf_params), method=cf_model.item_embeddings)
 
 
+def text_stats(text_table: Array, eps: float = 1e-6) -> dict[str, Array]:
+  """{"mean", "scale": float[t]} per-dimension mean and standard deviation of the SBERT
+  embeddings of items 1..N (row 0, the padding item, excluded); used by
+  `stage1.text_standardize` to feed (Q - mean) / scale to the text auto-encoder."""
+  q = jnp.asarray(text_table, jnp.float32)[1:]
+  return {"mean": jnp.mean(q, axis=0), "scale": jnp.maximum(jnp.std(q, axis=0), eps)}
+
+
+def standardize_text(q: Array, stats: dict[str, Array] | None) -> Array:
+  """(q - mean) / scale with `text_stats`, or q unchanged when stats is None."""
+  if stats is None:
+    return q
+  return ((q.astype(jnp.float32) - stats["mean"]) / stats["scale"]).astype(q.dtype)
+
+
 # ----------------------------------------------------------------------------- step
 def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Array],
                 rng: Array, *, models: Stage1Models, cf_model, cfg: Stage1Config
@@ -230,7 +246,8 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
     trainable: {"item_ae", "text_ae", "sbert"?} parameter trees.
     frozen: {"cf": CF variables, "item_table": float[N+1, d]} and either
       {"text_ids", "text_mask": int32[N+1, T]} (SBERT fine-tuned) or
-      {"text_table": float[N+1, t]} (SBERT frozen).
+      {"text_table": float[N+1, t]} (SBERT frozen); optionally "text_stats"
+      (`text_stats`: SBERT outputs are standardised before f_T and as its recon target).
     batch: seq int32[B, L], pos int32[B], neg int32[B], mask float32[B] (0 = padding row),
       optionally packed_text (the 2B texts of pos then neg packed by `pack_batch_texts`;
       used instead of the token table when SBERT is fine-tuned: same embeddings, ~4x
@@ -259,6 +276,8 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
         {"params": trainable["sbert"]}, frozen["text_ids"][items], frozen["text_mask"][items],
         deterministic=not cfg.sbert_dropout, rngs={"dropout": rng})
     q_in_p, q_in_n = jnp.split(q_in, 2)
+  q_in_p = standardize_text(q_in_p, frozen.get("text_stats"))
+  q_in_n = standardize_text(q_in_n, frozen.get("text_stats"))
   item_ae = functools.partial(models.item_ae.apply, {"params": trainable["item_ae"]})
   text_ae = functools.partial(models.text_ae.apply, {"params": trainable["text_ae"]})
   e_p, dec_p = item_ae(e_in_p)
@@ -305,7 +324,8 @@ def joint_item_embeddings(models: Stage1Models, params: PyTree, *, source: str =
   source="text": e_i = f_T^enc(SBERT(text_i)) ("A-LLMRec (SBERT)", cold items) from the
     token table (text_ids/text_mask int32[N+1, T], run through params["sbert"]) or from
     precomputed SBERT embeddings `text_table` float[N+1, t].
-  params: {"item_ae", "text_ae", "sbert"}.
+  params: {"item_ae", "text_ae", "sbert"} and optionally "text_stats" (`text_stats`, with
+    `stage1.text_standardize`: SBERT outputs are standardised before f_T^enc).
   """
   if source == "cf":
     if item_table is None:
@@ -319,6 +339,7 @@ def joint_item_embeddings(models: Stage1Models, params: PyTree, *, source: str =
                          "or text_table")
       text_table = sbert_embed_all(models.sbert, params["sbert"], text_ids, text_mask,
                                    batch_size)
+    text_table = standardize_text(jnp.asarray(text_table), params.get("text_stats"))
     return models.text_ae.apply({"params": params["text_ae"]}, text_table,
                                 method=models.text_ae.encode)
   raise ValueError(f"joint_item_embeddings: source must be 'cf' or 'text', got {source!r}")
@@ -439,7 +460,26 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int):
 
 def _load_sbert(config):
   return sbert_lib.load_sbert(config.sbert.path or None,
-                              dtype=config.sbert.get("dtype", "float32"))
+                              dtype=config.sbert.get("dtype", "float32"),
+                              normalize=config.sbert.get("normalize", "auto"))
+
+
+TEXT_STATS_FILE = "text_stats.json"
+
+
+def _text_stats_for(cfg: Stage1Config, sdir: pathlib.Path, sb, text_ids, text_mask,
+                    text_table=None) -> dict[str, Array] | None:
+  """The `text_stats` of the pretrained SBERT (None unless cfg.text_standardize), written to
+  `<stage1>/text_stats.json` for `load_trained_stage1`."""
+  if not cfg.text_standardize:
+    return None
+  if text_table is None:
+    text_table = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
+                                 cfg.eval_batch_size)
+  stats = text_stats(text_table)
+  (sdir / TEXT_STATS_FILE).write_text(json.dumps(
+      {k: np.asarray(v, np.float64).tolist() for k, v in stats.items()}))
+  return stats
 
 
 def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_model,
@@ -485,12 +525,17 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   tx = make_optimizer(cfg)
   opt_state = tx.init(trainable)
   frozen: dict[str, Any] = {"cf": cf_params, "item_table": item_table}  # no grads, no opt
+  pretrained_table = None
   if cfg.freeze_sbert:
-    frozen["text_table"] = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
-                                           cfg.eval_batch_size)
+    pretrained_table = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
+                                       cfg.eval_batch_size)
+    frozen["text_table"] = pretrained_table
   else:
     frozen["text_ids"] = jnp.asarray(text_ids)
     frozen["text_mask"] = jnp.asarray(text_mask)
+  stats = _text_stats_for(cfg, sdir, sb, text_ids, text_mask, pretrained_table)
+  if stats is not None:
+    frozen["text_stats"] = stats
 
   manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=1)
   iterator = pipelines.make_iterator(data)
@@ -545,6 +590,8 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
 
   params = dict(trainable)
   params.setdefault("sbert", sb.params)
+  if stats is not None:
+    params["text_stats"] = stats
   results = evaluate_alignment(models, params, dataset=dataset, cf_model=cf_model,
                                cf_params=cf_params, item_table=item_table,
                                text_ids=text_ids, text_mask=text_mask, cfg=cfg)
@@ -572,7 +619,8 @@ def load_trained_stage1(config, workdir, cf_dim: int | None = None) -> Stage1Res
   """Restores the trained stage-1 parameters (latest checkpoint) for stage 2.
 
   Returns Stage1Result(models, params={"item_ae", "text_ae", "sbert"}, tokenizer); with
-  freeze_sbert the SBERT parameters are the loaded pretrained ones. `cf_dim` (d) defaults
+  freeze_sbert the SBERT parameters are the loaded pretrained ones; with
+  stage1.text_standardize params also holds "text_stats" (used by `joint_item_embeddings`). `cf_dim` (d) defaults
   to the width stored in the checkpoint.
   """
   cfg = Stage1Config.from_config(config)
@@ -587,6 +635,13 @@ def load_trained_stage1(config, workdir, cf_dim: int | None = None) -> Stage1Res
   params = jax.tree.map(jnp.asarray, dict(restored["params"]))
   if "sbert" not in params:
     params["sbert"] = sb.params
+  if cfg.text_standardize:
+    stats_file = sdir / TEXT_STATS_FILE
+    if not stats_file.exists():
+      raise FileNotFoundError(f"load_trained_stage1: {stats_file} missing (stage1."
+                              "text_standardize=True needs the stats of the stage-1 run)")
+    params["text_stats"] = {k: jnp.asarray(v, jnp.float32)
+                            for k, v in json.loads(stats_file.read_text()).items()}
   stored_dim = int(np.shape(params["item_ae"]["decoder"]["kernel"])[1])
   if cf_dim is not None and cf_dim != stored_dim:
     raise ValueError(f"load_trained_stage1: checkpoint item auto-encoder width {stored_dim} "

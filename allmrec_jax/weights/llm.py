@@ -78,7 +78,7 @@ def llama_name_map(c) -> dict[str, tuple[tuple[str, ...], Transform]]:
     m[hf + "post_attention_layernorm.weight"] = ((fx, "mlp_norm", "scale"), _ident)
     for p, heads in (("q", c.num_heads), ("k", c.num_kv_heads), ("v", c.num_kv_heads)):
       m[hf + f"self_attn.{p}_proj.weight"] = ((fx, "attn", p, "kernel"), _split_out(heads, c.head_dim))
-      if c.attention_bias:
+      if c.attention_bias or c.qkv_bias:
         m[hf + f"self_attn.{p}_proj.bias"] = ((fx, "attn", p, "bias"), _split_bias(heads, c.head_dim))
     m[hf + "self_attn.o_proj.weight"] = ((fx, "attn", "o", "kernel"), _split_in(c.num_heads, c.head_dim))
     if c.attention_bias:

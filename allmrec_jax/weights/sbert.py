@@ -136,8 +136,25 @@ def _fit(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...]):
   return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
 
 
+_NORMALIZE = {"auto": None, "true": True, "false": False}
+
+
+def resolve_normalize(setting: str | bool | None, from_model: bool) -> bool:
+  """The final L2 normalisation to apply: `setting` "auto" (or None) = as the model's
+  modules.json says (`from_model`), "true"/"false" (or a bool) = forced on/off."""
+  if isinstance(setting, bool):
+    return setting
+  key = "auto" if setting is None else str(setting).strip().lower()
+  if key not in _NORMALIZE:
+    raise ValueError(f"config.sbert.normalize must be 'auto', 'true' or 'false', got "
+                     f"{setting!r}")
+  forced = _NORMALIZE[key]
+  return from_model if forced is None else forced
+
+
 def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
-               mesh: jax.sharding.Mesh | None = None, rules=None) -> LoadedSBERT:
+               mesh: jax.sharding.Mesh | None = None, rules=None,
+               normalize: str | bool | None = "auto") -> LoadedSBERT:
   """Loads a sentence-transformers BERT model directory.
 
   Args:
@@ -145,6 +162,10 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
     dtype: computation and parameter dtype ("float32", "bfloat16").
     mesh, rules: when a mesh is given, each tensor is placed straight into its sharded
       device array (logical axes -> mesh through `rules`).
+    normalize: "auto" = L2-normalise the pooled embedding iff modules.json has a Normalize
+      module; "false" = never (the raw pooled embedding, as the paper's nq-distilbert-base-v1
+      produces); "true" = always. pooling_info["normalize"] is the value applied and
+      pooling_info["normalize_in_model"] what modules.json says.
 
   Returns:
     LoadedSBERT(module, params, tokenizer, pooling_info) (unpacks as a 4-tuple).
@@ -158,6 +179,8 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
   hf = _read_json(path / "config.json")
   hidden = int(hf.get("hidden_size", 0))
   info = read_pooling_info(path, hidden)
+  info["normalize_in_model"] = info["normalize"]
+  info["normalize"] = resolve_normalize(normalize, info["normalize"])
   cfg = bert.BertConfig.from_hf(hf, pooling=info["pooling"], normalize=info["normalize"],
                                 dtype=dtype, param_dtype=dtype)
   module = bert.BertEncoder(cfg)

@@ -131,12 +131,12 @@ def test_item_table_init_and_axes(name):
     assert sharding.num_shards(emb) == 2  # (items: replicated, embed: fsdp)
 
 
-def test_sasrec_xavier_normal_std():
-  """torch xavier_normal_: std = sqrt(2 / (fan_in + fan_out)), not truncated."""
-  model = cf_lib.make_cf_model(dict(model="sasrec", hidden_dim=64, maxlen=L), 3000)
-  _, p = _init(model)
-  table = np.asarray(p["params"]["item_emb"]["embedding"])[1:]
-  np.testing.assert_allclose(table.std(), np.sqrt(2.0 / (3001 + 64)), rtol=0.02)
+def test_xavier_normal_std():
+  """torch xavier_normal_: std = sqrt(2 / (fan_in + fan_out)), not truncated; row 0 zero."""
+  from allmrec_jax.models.cf import common  # pylint: disable=g-import-not-at-top
+  table = np.asarray(common.padded_table_init()(jax.random.key(0), (3001, 64)))
+  np.testing.assert_array_equal(table[0], 0.0)
+  np.testing.assert_allclose(table[1:].std(), np.sqrt(2.0 / (3001 + 64)), rtol=0.02)
   assert np.abs(table).max() > 3.5 * table.std()  # not truncated at 2 std
 
 

@@ -18,28 +18,27 @@ def _jsonl(path):
 
 
 def test_train_resume_skip_load(tmp_path, pattern_dataset):
-  config = tiny_config("sasrec", num_epochs=30, eval_every=10)
+  """Tiny end-to-end run; an interrupted + resumed run equals the uninterrupted one."""
+  config = tiny_config("sasrec", num_epochs=6, eval_every=3)
   wd_a, wd_b = tmp_path / "a", tmp_path / "b"
   _, params_a, m_a = cf_trainer.train_and_evaluate(config, wd_a, pattern_dataset)
 
-  # Learns the ring walk: far above the random 1/20 and 10/101.
-  assert m_a["test/hit@1"] > 0.3, m_a
-  assert m_a["test/hr@10_neg100"] > 0.5, m_a
   assert m_a["test/num_users"] == pattern_dataset.eval_users("test").size
-  for key in ("test/hit@5", "test/mrr", "test/ndcg@10_neg100", "test/recall@10",
-              "test/recall@20", "test/ndcg@10", "test/ndcg@20", "valid/hit@1"):
-    assert 0.0 <= m_a[key] <= 1.0
+  for key in ("test/hit@1", "test/hit@5", "test/mrr", "test/hr@10_neg100",
+              "test/ndcg@10_neg100", "test/recall@10", "test/recall@20", "test/ndcg@10",
+              "test/ndcg@20", "valid/hit@1"):
+    assert 0.0 <= m_a[key] <= 1.0, key
   assert "test/warm/hit@1" in m_a and "test/cold/num_users" in m_a  # item-group breakdown
   out = wd_a / "cf"
   assert (out / "FINISHED").exists() and (out / "metrics.json").exists()
   log = _jsonl(out / "metrics.jsonl")
-  assert [r["epoch"] for r in log] == list(range(1, 31))
-  assert all("valid/ndcg@10_neg100" in r for r in log if r["epoch"] % 10 == 0)
+  assert [r["epoch"] for r in log] == list(range(1, 7))
+  assert all("valid/ndcg@10_neg100" in r for r in log if r["epoch"] % 3 == 0)
   assert log[-1]["train/loss"] < log[0]["train/loss"]
   assert any(p.name.startswith("events") for p in (out / "tb").iterdir())
 
-  # Interrupted after epoch 10, then resumed: identical to the uninterrupted run.
-  cf_trainer.train_and_evaluate(config, wd_b, pattern_dataset, stop_after_epoch=10)
+  # Interrupted after epoch 3, then resumed: identical to the uninterrupted run.
+  cf_trainer.train_and_evaluate(config, wd_b, pattern_dataset, stop_after_epoch=3)
   assert not (wd_b / "cf" / "FINISHED").exists()
   _, params_b, m_b = cf_trainer.train_and_evaluate(config, wd_b, pattern_dataset)
   for k, v in m_a.items():
@@ -52,13 +51,26 @@ def test_train_resume_skip_load(tmp_path, pattern_dataset):
       [r["train/loss"] for r in log], rel=1e-6)
 
   # A finished stage is skipped and returns the stored result; load gives the best params.
-  _, params_c, m_c = cf_trainer.train_and_evaluate(config, wd_a, pattern_dataset)
+  _, _, m_c = cf_trainer.train_and_evaluate(config, wd_a, pattern_dataset)
   assert m_c == json.loads((out / "metrics.json").read_text())
   model, params_d = cf_trainer.load_trained_cf(config, wd_a, pattern_dataset)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), params_a, params_d)
+  best = cf_trainer.checkpointing.restore(
+      cf_trainer.checkpointing.make_manager(out / "ckpt", best_metric=config.cf.select_metric,
+                                            read_only=True),
+      step=m_a["best_epoch"])
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), best["params"], params_d)
   user = model.apply({"params": params_d}, pattern_dataset.history_matrix("test", 12)[:4],
                      method="user_representation")
   assert user.shape == (4, 16)
+
+
+@pytest.mark.slow
+def test_sasrec_learns(tmp_path, pattern_dataset):
+  config = tiny_config("sasrec", num_epochs=30, eval_every=10)
+  _, _, m = cf_trainer.train_and_evaluate(config, tmp_path, pattern_dataset)
+  # Learns the ring walk: far above the random 1/20 and 10/101.
+  assert m["test/hit@1"] > 0.3, m
+  assert m["test/hr@10_neg100"] > 0.5, m
 
 
 def test_load_without_checkpoint(tmp_path, pattern_dataset):
@@ -73,6 +85,7 @@ def test_bad_loss_name(tmp_path, pattern_dataset):
     cf_trainer.train_and_evaluate(config, tmp_path, pattern_dataset)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ncf", "gru4rec", "nextitnet"])
 def test_other_backbones_train(tmp_path, pattern_dataset, name):
   config = tiny_config(name, num_epochs=20, eval_every=20)

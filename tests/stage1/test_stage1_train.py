@@ -212,3 +212,74 @@ def test_train_and_evaluate_resume_equals_uninterrupted(setup, tiny_dataset, tmp
   # A finished run is not retrained.
   again = _run(cfg_full, tmp_path / "a", tiny_dataset, s["cf_model"], s["cf_params"])
   assert again["train/steps"] == 6 and again == json.loads(json.dumps(full))
+
+
+def test_cold_items_are_the_scenarios_definition(tiny_dataset):
+  from allmrec_jax.data import scenarios  # pylint: disable=g-import-not-at-top
+  for fraction in (0.2, 0.35, 0.5):
+    cold, _ = scenarios.cold_warm_items(tiny_dataset, fraction)
+    np.testing.assert_array_equal(np.flatnonzero(stage1.cold_items(tiny_dataset, fraction)),
+                                  cold)
+
+
+def test_config_sbert_normalize_is_honoured(setup):
+  ids, mask = setup["ids"][1:9], setup["mask"][1:9]
+  by_setting = {}
+  for setting in ("auto", "false", "true"):
+    config = conftest.make_config(setup["config"].sbert.path)
+    config.sbert.normalize = setting
+    sb = stage1._load_sbert(config)  # pylint: disable=protected-access
+    by_setting[setting] = (sb.module.config.normalize,
+                           np.asarray(sb.module.apply({"params": sb.params}, ids, mask)[0]))
+  # The tiny model copies MiniLM's modules.json, which ends with a Normalize module.
+  assert [v[0] for v in by_setting.values()] == [True, False, True]
+  raw = by_setting["false"][1]
+  norms = np.linalg.norm(raw, axis=-1)
+  assert (np.abs(norms - 1) > 0.1).all()
+  np.testing.assert_allclose(by_setting["auto"][1], raw / norms[:, None], atol=1e-6)
+  config = conftest.make_config(setup["config"].sbert.path)
+  config.sbert.normalize = "sometimes"
+  with pytest.raises(ValueError, match="config.sbert.normalize"):
+    stage1._load_sbert(config)  # pylint: disable=protected-access
+
+
+def test_text_stats_are_per_dimension_over_real_items():
+  table = jnp.array([[100., 100.], [1., 2.], [3., 2.], [5., 2.]])
+  stats = stage1.text_stats(table, eps=1e-3)
+  np.testing.assert_allclose(stats["mean"], [3., 2.])
+  np.testing.assert_allclose(stats["scale"], [np.sqrt(8 / 3), 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(stage1.standardize_text(table[1:], stats)[:, 0],
+                             np.array([-2., 0., 2.]) / np.sqrt(8 / 3), rtol=1e-6)
+  assert stage1.standardize_text(table, None) is table
+
+
+def test_text_standardize_feeds_standardised_sbert_output(setup, tiny_dataset, tmp_path):
+  s = setup
+  sb, models = s["sb"], s["models"]
+  q = stage1.sbert_embed_all(sb.module, sb.params, s["ids"], s["mask"])
+  stats = stage1.text_stats(q)
+  q_std = (q - stats["mean"]) / stats["scale"]
+  np.testing.assert_allclose(jnp.mean(q_std[1:], 0), 0, atol=1e-4)
+  np.testing.assert_allclose(jnp.std(q_std[1:], 0), 1, atol=1e-3)
+  trainable = stage1.init_trainable(models, jax.random.key(1), sb.params, freeze_sbert=False)
+  base = {"cf": s["cf_params"], "item_table": s["table"]}
+  # Fine-tuned path + stats == frozen path fed the standardised table by hand.
+  tot_ft, terms_ft = _loss(s, trainable, {**s["frozen"], "text_stats": stats})
+  no_sbert = {k: v for k, v in trainable.items() if k != "sbert"}
+  tot_fz, terms_fz = _loss(s, no_sbert, {**base, "text_table": q_std})
+  np.testing.assert_allclose(tot_ft, tot_fz, rtol=2e-5)
+  np.testing.assert_allclose(terms_ft["text_recon"], terms_fz["text_recon"], rtol=2e-5)
+  tot_plain, _ = _loss(s, no_sbert, {**base, "text_table": q})
+  assert abs(float(tot_plain) - float(tot_fz)) > 1e-3   # the option changes the loss
+  # Trainer: stats stored with the run, restored for stage 2, applied to the text path.
+  config = conftest.make_config(s["config"].sbert.path, freeze_sbert=True, max_steps=2,
+                                text_standardize=True)
+  stage1.train_and_evaluate(config, tmp_path, tiny_dataset, s["cf_model"], s["cf_params"])
+  res = stage1.load_trained_stage1(config, tmp_path)
+  for k in ("mean", "scale"):
+    np.testing.assert_allclose(res.params["text_stats"][k], stats[k], rtol=1e-5, atol=1e-6)
+  got = stage1.joint_item_embeddings(res.models, res.params, source="text",
+                                     text_ids=s["ids"], text_mask=s["mask"])
+  want = models.text_ae.apply({"params": res.params["text_ae"]}, q_std,
+                              method=models.text_ae.encode)
+  np.testing.assert_allclose(got, want, atol=1e-5)

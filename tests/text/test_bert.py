@@ -32,10 +32,14 @@ def loaded():
 
 
 @pytest.fixture(scope="module")
-def reference():
+def st_model():
   st = pytest.importorskip("sentence_transformers")
-  model = st.SentenceTransformer(str(assets.get_asset("all-minilm-l6-v2")), device="cpu")
-  return model.encode(TITLES, convert_to_numpy=True, batch_size=len(TITLES))
+  return st.SentenceTransformer(str(assets.get_asset("all-minilm-l6-v2")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(st_model):
+  return st_model.encode(TITLES, convert_to_numpy=True, batch_size=len(TITLES))
 
 
 def test_pooling_info_from_modules_json(loaded):
@@ -43,6 +47,37 @@ def test_pooling_info_from_modules_json(loaded):
   assert info["pooling"] == "mean"
   assert info["normalize"] is True
   assert info["dim"] == 384
+
+
+def test_normalize_false_is_the_pipeline_without_its_normalize_module(loaded, st_model):
+  st = pytest.importorskip("sentence_transformers")
+  kinds = [type(m).__name__ for m in st_model]
+  assert kinds == ["Transformer", "Pooling", "Normalize"], kinds
+  no_norm = st.SentenceTransformer(modules=[st_model[0], st_model[1]], device="cpu")
+  want = no_norm.encode(TITLES, convert_to_numpy=True, batch_size=len(TITLES))
+  module, params, tokenizer, info = sbert.load_sbert(assets.get_asset("all-minilm-l6-v2"),
+                                                     normalize="false")
+  assert info["normalize"] is False and info["normalize_in_model"] is True
+  ids, mask = sbert.tokenize_texts(tokenizer, TITLES, max_len=48)
+  raw = np.asarray(module.apply({"params": params}, ids, mask)[0])
+  np.testing.assert_allclose(raw, want, atol=1e-5, rtol=0)
+  norms = np.linalg.norm(raw, axis=-1)
+  assert (np.abs(norms - 1) > 0.5).all(), norms  # really unnormalised (MiniLM: norms ~3-8)
+  # Same parameters: the "auto" output is exactly the raw one over its norm.
+  auto = np.asarray(loaded.module.apply({"params": loaded.params}, ids, mask)[0])
+  np.testing.assert_allclose(auto, raw / norms[:, None], atol=1e-6, rtol=0)
+
+
+def test_normalize_setting_resolution():
+  assert sbert.resolve_normalize("auto", True) is True
+  assert sbert.resolve_normalize("auto", False) is False
+  assert sbert.resolve_normalize(None, True) is True
+  assert sbert.resolve_normalize("false", True) is False
+  assert sbert.resolve_normalize("False", True) is False
+  assert sbert.resolve_normalize("true", False) is True
+  assert sbert.resolve_normalize(False, True) is False
+  with pytest.raises(ValueError, match="config.sbert.normalize"):
+    sbert.resolve_normalize("yes", True)
 
 
 def test_padded_batch_matches_sentence_transformers(loaded, reference):

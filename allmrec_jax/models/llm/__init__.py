@@ -18,6 +18,8 @@ class LLMFamily:
 LLM_FAMILIES: dict[str, LLMFamily] = {
     "llama": LLMFamily("llama", LlamaDecoder, LlamaConfig),
     "opt": LLMFamily("opt", OPTDecoder, OPTConfig),
+    "mistral": LLMFamily("llama", LlamaDecoder, LlamaConfig),   # + sliding window
+    "qwen2": LLMFamily("llama", LlamaDecoder, LlamaConfig),     # + q/k/v biases
 }
 
 

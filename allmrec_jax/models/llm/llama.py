@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, TinyLlama, ...): RMSNorm, RoPE, GQA, SwiGLU.
+"""Llama-family decoder (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, ...): RMSNorm, RoPE,
+GQA, SwiGLU; optional q/k/v biases (Qwen2) and a sliding attention window (Mistral).
 
 Parameter tree (flax names; kernels are [in..., out...]):
   embed/embedding                       [V, E]        (vocab, embed)
@@ -52,6 +53,8 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   attention_bias: bool = False        # biases on q/k/v/o
+  qkv_bias: bool = False              # biases on q/k/v only (Qwen2)
+  sliding_window: int | None = None   # key j visible from query i iff i - j < window (Mistral)
   mlp_bias: bool = False
   hidden_act: str = "silu"
   bos_token_id: int | None = None
@@ -80,6 +83,12 @@ class LlamaConfig:
       scaling = None if kind == "default" else tuple(sorted(scaling.items()))
     num_heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+    model_type = getattr(hf, "model_type", "llama")
+    window = None
+    if model_type == "mistral":
+      window = getattr(hf, "sliding_window", None)
+    elif getattr(hf, "use_sliding_window", False):
+      raise ValueError(f"{model_type}: use_sliding_window=True is not supported")
     kw = dict(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
@@ -89,6 +98,7 @@ class LlamaConfig:
         max_position_embeddings=hf.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(hf, "attention_bias", False)),
+        qkv_bias=model_type == "qwen2", sliding_window=window,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         hidden_act=getattr(hf, "hidden_act", "silu"),
         bos_token_id=getattr(hf, "bos_token_id", None),
@@ -113,7 +123,7 @@ class LlamaBlock(nn.Module):
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     h = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attn_lib.Attention(
-        c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.attention_bias,
+        c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.attention_bias or c.qkv_bias,
         out_bias=c.attention_bias, name="attn", **kw)(h, mask, cos_sin, layer_cache, end)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x)
@@ -171,7 +181,8 @@ class LlamaDecoder(nn.Module):
       raise ValueError("pass exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(c.dtype))
     b, t = x.shape[:2]
-    mask, positions = attn_lib.mask_and_positions(attention_mask, b, t, cache, positions)
+    mask, positions = attn_lib.mask_and_positions(attention_mask, b, t, cache, positions,
+                                                  c.sliding_window)
     cos_sin = rotary.rotary_cos_sin(positions, self._inv_freq_for(positions))
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
     end = None if cache is None else cache["end"]
