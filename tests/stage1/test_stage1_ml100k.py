@@ -1,8 +1,9 @@
 """Slow: stage 1 on the real MovieLens-100K + all-MiniLM-L6-v2 (frozen SBERT, random CF).
 
-Asserts loosely: every loss term decreases, reconstructions stay bounded, the alignment
-metrics are computed on the real cold/warm split. (With 943 users, 10 epochs are only 160
-steps: text->item retrieval stays near chance, see the closing note of issue 5.)
+Paper defaults (10 epochs = 160 steps at lr 1e-4) leave text->item retrieval at chance on
+ML-100K (943 users; see the closing note of issue 5). With `stage1.text_standardize` and
+100 epochs (1,600 steps, ~1 min with SBERT frozen) the alignment is clearly learnt; this
+test asserts it with a wide margin, plus that every loss decreases and nothing collapses.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from configs import ml100k
 
 
 @pytest.mark.slow
-def test_ml100k_stage1_frozen_sbert(tmp_path):
+def test_ml100k_stage1_frozen_sbert_standardised(tmp_path):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   config = ml100k.get_config()
   config.stage1.freeze_sbert = True
-  config.stage1.num_epochs = 10
+  config.stage1.text_standardize = True
+  config.stage1.num_epochs = 100
+  config.stage1.log_every = 20
   ds = prepare.prepare_dataset(config.data)
   cf = dict(config.cf)
   cf["maxlen"] = config.data.maxlen
@@ -30,12 +33,17 @@ def test_ml100k_stage1_frozen_sbert(tmp_path):
   seq = jnp.ones((1, config.data.maxlen), jnp.int32)
   cf_vars = nn.unbox(cf_model.init(jax.random.key(0), seq, seq, seq))
   out = stage1.train_and_evaluate(config, tmp_path, ds, cf_model, cf_vars)
+  print({k: v for k, v in out.items() if k.startswith(("align/", "cold/", "final/"))})
   for term in ("match", "item_recon", "text_recon", "rec"):
     assert out[f"final/train/{term}"] < out[f"first/train/{term}"], term
   assert out["final/train/item_recon"] < 0.5 * out["first/train/item_recon"]
-  assert out["final/train/text_recon"] < 0.5 * out["first/train/text_recon"]
-  assert out["train/steps"] == 10 * -(-ds.num_users // 60)
+  assert out["final/train/text_recon"] < 0.9 * out["first/train/text_recon"]
+  assert out["train/steps"] == 100 * -(-ds.num_users // 60)
   assert 0 < out["cold/num_users"] < ds.num_users
   for key in ("align/text2item_recall@1", "align/text2item_recall@10", "cold/hit@1_text",
               "cold/hit@1_cf"):
     assert 0.0 <= out[key] <= 1.0, key
+  chance = out["align/random_recall@10"]
+  assert out["align/text2item_recall@10"] > 2 * chance, (out["align/text2item_recall@10"],
+                                                         chance)
+  assert out["align/text2item_mean_rank"] < 0.42 * ds.num_items   # chance: ~0.5 N
