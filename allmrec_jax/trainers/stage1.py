@@ -9,6 +9,11 @@ E the frozen CF item table and Q = SBERT(item text):
   text_recon = MSE(f_T^dec(q_p), sg(Q_p)) + MSE(f_T^dec(q_n), sg(Q_n))
   rec        = BCE(s(x_u, f_I^dec(e_p)), 1) + BCE(s(x_u, f_I^dec(e_n)), 0),  s = mean(a * b)
   loss = w_rec rec + w_match match + w_item_recon item_recon + w_text_recon text_recon
+Options beyond the paper (default off): `config.sbert.normalize` ("auto" | "false" | "true")
+drops or forces SBERT's final L2 normalisation (all-MiniLM-L6-v2 has one, the paper's
+nq-distilbert-base-v1 has none); `stage1.text_standardize` feeds f_T (Q - mean) / std per
+dimension, the statistics of the pretrained SBERT over all items computed once (fixed while
+SBERT is fine-tuned, stored in text_stats.json for stage 2).
 Only the trainable tree {item_ae, text_ae, sbert (unless freeze_sbert)} has gradients and
 optimizer state; the CF parameters are a separate frozen argument. Item texts are
 tokenised once into a padded id table; with `freeze_sbert` the SBERT embeddings of all
@@ -16,7 +21,7 @@ items are computed once instead.
 
 Outputs under `<workdir>/stage1/`: metrics.jsonl (per step), tb/ (TensorBoard), ckpt/
 (orbax: trainable params, optimizer state, step, data-iterator state), metrics.json
-(alignment metrics) and finished.json.
+(alignment metrics), finished.json and, with text_standardize, text_stats.json.
 """
 
 from __future__ import annotations
