@@ -162,6 +162,9 @@ class LLMEvaluator:
       batch = self._batch(sub, rep, "recommend")
       if rank:
         cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates)
+        # Only as wide as this batch's longest answer (a multiple of 8: few programs).
+        width = -(-max(int(cont_mask.sum(-1).max()), 1) // 8) * 8
+        cont_ids, cont_mask = cont_ids[..., :width], cont_mask[..., :width]
         s, cnt = self._score(self.proj_params, self.llm_params, self.item_table, batch,
                              jnp.asarray(cont_ids), jnp.asarray(cont_mask))
         s, cnt = np.asarray(s)[:n], np.asarray(cnt)[:n]

@@ -107,16 +107,37 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   projectors_of = lambda table: projectors_lib.Stage2Projectors(
       table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
 
+  eval_dir = workdir / "stage2" / "eval"
+  eval_dir.mkdir(parents=True, exist_ok=True)
+  examples: dict[str, dict] = {}
+
+  def evaluated(key: str, label: str, run) -> dict[str, float]:
+    """Runs one model's evaluation once; its metrics and texts are kept in eval/<key>.json
+    so an interrupted evaluation resumes with the next model."""
+    path = eval_dir / f"{key}.json"
+    if path.exists():
+      saved = json.loads(path.read_text())
+    else:
+      t0 = time.perf_counter()
+      res, m = run()
+      m = {**m, f"eval/{key}/seconds": time.perf_counter() - t0}
+      saved = {"metrics": m, "texts": res.get("texts", [])}
+      path.write_text(json.dumps(saved))
+    if saved["texts"]:
+      examples[label] = {"texts": saved["texts"]}
+    return saved["metrics"]
+
   # A-LLMRec.
   params, table = train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
-  t0 = time.perf_counter()
-  ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
-                             item_table=table, use_user=cfg.use_user,
-                             use_items=cfg.use_items, **common)
-  res = ev.evaluate(es, user_rep, desc="eval A-LLMRec")
-  metrics.update(eval_lib.llm_metrics(res, prefix))
-  metrics["eval/users_per_s"] = len(es.users) / (time.perf_counter() - t0)
-  examples = {"A-LLMRec": res}
+
+  def run_allmrec():
+    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
+                               item_table=table, use_user=cfg.use_user,
+                               use_items=cfg.use_items, **common)
+    res = ev.evaluate(es, user_rep, desc="eval A-LLMRec")
+    return res, eval_lib.llm_metrics(res, prefix)
+  metrics.update(evaluated("allmrec", "A-LLMRec", run_allmrec))
+  metrics["eval/users_per_s"] = len(es.users) / metrics["eval/allmrec/seconds"]
 
   for name in baselines:
     bp = f"baselines/{name}/{prefix}"
@@ -124,17 +145,18 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
       metrics.update(eval_lib.ranking_metrics(
           eval_lib.cf_scores(cf_model, cf_params, es), bp))
     elif name == "llm_only":
-      ev0 = eval_lib.LLMEvaluator(soft=False, **common)
-      r = ev0.evaluate(es, None, desc="eval LLM-Only")
-      metrics.update(eval_lib.llm_metrics(r, bp))
-      examples["LLM-Only"] = r
+      def run_llm_only():
+        r = eval_lib.LLMEvaluator(soft=False, **common).evaluate(es, None, desc="eval LLM-Only")
+        return r, eval_lib.llm_metrics(r, bp)
+      metrics.update(evaluated("llm_only", "LLM-Only", run_llm_only))
     elif name == "mlp_llm":
-      p_m, t_m = train_variant("stage2_mlp_llm", "cf")
-      ev1 = eval_lib.LLMEvaluator(projectors=projectors_of(t_m), proj_params=p_m,
-                                  item_table=t_m, **common)
-      r = ev1.evaluate(es, user_rep, desc="eval MLP-LLM")
-      metrics.update(eval_lib.llm_metrics(r, bp))
-      examples["MLP-LLM"] = r
+      def run_mlp_llm():
+        p_m, t_m = train_variant("stage2_mlp_llm", "cf")
+        ev1 = eval_lib.LLMEvaluator(projectors=projectors_of(t_m), proj_params=p_m,
+                                    item_table=t_m, **common)
+        r = ev1.evaluate(es, user_rep, desc="eval MLP-LLM")
+        return r, eval_lib.llm_metrics(r, bp)
+      metrics.update(evaluated("mlp_llm", "MLP-LLM", run_mlp_llm))
     else:
       raise ValueError(f"config.eval.baselines: unknown baseline {name!r}; known: "
                        "cf, llm_only, mlp_llm")
