@@ -30,6 +30,7 @@ import tqdm
 from allmrec_jax import common_types as ct
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.data import pipelines
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
 from allmrec_jax.models import projectors as projectors_lib
@@ -137,19 +138,16 @@ def sample_candidates(ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex
                       num_candidates: int, seed: int, epoch: int) -> np.ndarray:
   """int32[B, C]: the target + C-1 negatives outside the user's history, shuffled.
 
-  Keyed by (seed, epoch, example id) only, so a resumed epoch draws the same sets.
+  Keyed by (seed, epoch, example id) only, so a resumed epoch draws the same sets (the
+  streams of `data.pipelines`' stage-2 batches).
   """
-  draw = sampling.hashed_draw(ds.num_items, seed, epoch, example_ids, stream=21)
+  draw = sampling.hashed_draw(ds.num_items, seed, epoch, example_ids,
+                              pipelines.STREAM_STAGE2)
   negs = sampling.sample_excluding(users, num_candidates - 1, index, draw, distinct=True,
                                    fallback_seed=seed + epoch)
   cands = np.concatenate([targets[:, None], negs], axis=1)
-  return shuffle_rows(cands, sampling.hash_u64(22, seed, epoch, example_ids[:, None],
-                                               np.arange(num_candidates)[None, :]))
-
-
-def shuffle_rows(x: np.ndarray, keys: np.ndarray) -> np.ndarray:
-  """Permutes each row of x by the order of its random keys."""
-  return np.take_along_axis(x, np.argsort(keys, axis=1, kind="stable"), axis=1)
+  return pipelines.shuffle_candidates(cands, example_ids, seed=seed, epoch=epoch,
+                                      stream=pipelines.STREAM_STAGE2_SHUFFLE)[0]
 
 
 def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
@@ -254,8 +252,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   ex = training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
                          positions_per_user=cfg.positions_per_user, users=users)
   user_rep = user_rep_fn(ex.seq)
-  starts, ends = ds.train_bounds()
-  index = sampling.ExclusionIndex.from_ranges(starts, ends, ds.seq_items, ds.num_items)
+  index = pipelines.train_exclusion_index(ds)
   llm_dim = llm.config.hidden_size
   projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
   trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
