@@ -15,7 +15,6 @@ fixed seeded order. Two LLM protocols:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from allmrec_jax import common_types as ct
 from allmrec_jax import generate as generate_lib
 from allmrec_jax import metrics as metrics_lib
 from allmrec_jax.data import dataset as dataset_lib

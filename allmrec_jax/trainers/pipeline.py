@@ -15,8 +15,6 @@ import pathlib
 import time
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from allmrec_jax import sharding

@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 import flax.linen as nn

@@ -1,7 +1,6 @@
 """Prompt assembly vs a plain string construction of the same prompt."""
 
 import copy
-import pathlib
 
 import numpy as np
 import pytest
