@@ -37,6 +37,24 @@ def _open_lines(path):
         yield lineno, None
 
 
+def _rows(lines, path, width: int, skipped: raw.SkipCounter, prefix: str = ""):
+  """Yields (lineno, fields) of the tab-separated body; non-UTF-8 and wrongly sized lines
+  are skipped and counted as `{prefix}non_utf8` / `{prefix}malformed_line`."""
+  for lineno, text in lines:
+    if text is None:
+      skipped.skip(prefix + "non_utf8", path, lineno)
+      continue
+    text = text.rstrip("\r\n")
+    if not text:
+      continue
+    f = text.split("\t")
+    if len(f) != width:
+      skipped.skip(prefix + "malformed_line", path, lineno,
+                   f"{len(f)} fields, expected {width}")
+      continue
+    yield lineno, f
+
+
 def read_item_file(path, skipped: raw.SkipCounter) -> dict[str, raw.ItemText]:
   """raw item id -> ItemText from a RecBole `.item` file."""
   raw.require_file(path, "a RecBole .item file")
@@ -53,18 +71,7 @@ def read_item_file(path, skipped: raw.SkipCounter) -> dict[str, raw.ItemText]:
   ct = next((cols[c] for c in _TITLE_COLS if c in cols), None)
   cg = next((cols[c] for c in _GENRE_COLS if c in cols), None)
   cd = next((cols[c] for c in _DESC_COLS if c in cols), None)
-  width = len(cols)
-  for lineno, text in lines:
-    if text is None:
-      skipped.skip("item_non_utf8", path, lineno)
-      continue
-    text = text.rstrip("\r\n")
-    if not text:
-      continue
-    f = text.split("\t")
-    if len(f) != width:
-      skipped.skip("item_malformed_line", path, lineno, f"{len(f)} fields, expected {width}")
-      continue
+  for lineno, f in _rows(lines, path, len(cols), skipped, prefix="item_"):
     iid = f[ci].strip()
     if not iid:
       skipped.skip("item_missing_field", path, lineno, "item_id")
@@ -102,18 +109,7 @@ def read_atomic(directory: str | os.PathLike, name: str, *, strict: bool = False
       raise raw.DataFormatError(f"{inter}: no {need} column in header {list(cols)}")
   cu, ci = cols["user_id"], cols["item_id"]
   cr, cts = cols.get("rating"), cols.get("timestamp")
-  width = len(cols)
-  for lineno, text in lines:
-    if text is None:
-      skipped.skip("non_utf8", inter, lineno)
-      continue
-    text = text.rstrip("\r\n")
-    if not text:
-      continue
-    f = text.split("\t")
-    if len(f) != width:
-      skipped.skip("malformed_line", inter, lineno, f"{len(f)} fields, expected {width}")
-      continue
+  for lineno, f in _rows(lines, inter, len(cols), skipped):
     u, i = f[cu].strip(), f[ci].strip()
     if not u or not i:
       skipped.skip("missing_field", inter, lineno, "user_id/item_id")

@@ -87,7 +87,7 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   def train_variant(name, source, use_user=True, use_items=True):
     table = item_table_for(source, tables, config.seed)
     params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
-                              tokenizer=tok, builder=builder, user_rep_fn=rep_fn,
+                              builder=builder, user_rep_fn=rep_fn,
                               item_table=table, name=name, mesh=mesh, rules=rules,
                               use_user=use_user, use_items=use_items)
     return params, table

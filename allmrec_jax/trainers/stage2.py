@@ -232,7 +232,7 @@ def _jsonl(path: pathlib.Path, row: dict):
 
 
 def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm, llm_params,
-          tokenizer, builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
+          builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
           name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
           use_items: bool = True, users: np.ndarray | None = None) -> PyTree:
   """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params.
@@ -240,7 +240,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   Args:
     config: the full config (uses `config.stage2`, `config.data.maxlen`, `config.seed`).
     ds: the dataset; `users` restricts training to a subset (few-shot).
-    llm, llm_params, tokenizer: the frozen LLM.
+    llm, llm_params: the frozen LLM.
     builder: the PromptBuilder of `ds`.
     user_rep_fn: seq int32[X, maxlen] -> float32[X, D] (the frozen CF model).
     item_table: float[N+1, K] fed to F_I (joint embeddings; CF table for MLP-LLM).

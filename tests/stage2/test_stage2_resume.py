@@ -29,7 +29,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
   def run(workdir, max_steps):
     c.stage2.max_steps = max_steps
-    return stage2.train(c, workdir, ds, llm=llm, llm_params=llm_params, tokenizer=tok,
+    return stage2.train(c, workdir, ds, llm=llm, llm_params=llm_params,
                         builder=builder, user_rep_fn=rep_fn, item_table=table)
 
   straight = run(tmp_path / "a", 4)
