@@ -7,7 +7,10 @@ Two entry points, both jitted with static shapes:
   (greedy, or temperature + top-p sampling), with transformers' repetition penalty and
   per-row EOS stopping, until `max_new_tokens` or until every row has stopped.
 * `score_continuations`: each row's prompt is run once into a cache; the C continuations
-  of the row are scored in one batched pass against copies of that cache.
+  of the row are scored in one packed pass against that cache (an explicit attention
+  pattern keeps the continuations apart; no per-continuation cache copies).
+* `rank_and_generate_fn`: both of the above from one prefill of the prompt (the stage-2
+  evaluation ranks the candidates and generates an answer for the same prompts).
 
 Compilation is bounded: prompts are left-padded to a multiple of `prompt_bucket` (64 by
 default) and the decoding options (temperature, top-p, penalty, EOS ids) are traced values,
@@ -159,30 +162,20 @@ def top_p_filter(logits: Array, top_p: float) -> Array:
 # Generation.
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "pad_id"))
-def _generate_jit(params, input_ids, inputs_embeds, attention_mask, eos, options, rng, *,
-                  module, max_new_tokens, pad_id):
-  """The whole generation as one program; sampling options are traced (no recompiles).
+def _decode(module: Any, params: PyTree, cache: PyTree, window: Array, first_logits: Array,
+            seen: Array, n_valid: Array, p: int, n: int, eos: Array, options: dict,
+            rng: Array, pad_id: int) -> GenerateOutput:
+  """The decoding loop after a prefill: N tokens at slots [p, p + N) of the cache.
 
-  eos: int32[K] stop ids (-1 = none). options: float32 scalars "temperature", "top_p",
-  "repetition_penalty".
+  Args:
+    cache: KV cache of p + N slots whose prompt fills [0, p) (end = p).
+    window: int32[B, p + N] with the prompt mask in [0, p), zeros after.
+    first_logits: float32[B, V] the prompt's next-token logits.
+    seen: bool[B, V] the repetition-penalty set so far (prompt ids).
+    n_valid: int32[B] real prompt tokens per row (the next position).
   """
-  params = _variables(params)
-  mask = attention_mask.astype(jnp.int32)
-  mask, input_ids, inputs_embeds = _left_align(mask, input_ids, inputs_embeds)
-  b, p = mask.shape
-  n = max_new_tokens
-  dtype = _cache_dtype(module, params)
-  window, last_hidden, cache = _prefill(module, params, input_ids, inputs_embeds, mask,
-                                        p + n, dtype)
-  logits = _logits(module, params, last_hidden)                    # [B, V]
-  vocab = logits.shape[-1]
+  b = window.shape[0]
   rows = jnp.arange(b)
-  seen = jnp.zeros((b, vocab), jnp.bool_)                          # repetition-penalty set
-  if input_ids is not None:
-    ids = jnp.where(mask > 0, input_ids, vocab)                    # pads -> dropped
-    seen = seen.at[rows[:, None], ids].set(True, mode="drop")
-  n_valid = jnp.sum(mask, axis=1).astype(jnp.int32)
   temperature, top_p = options["temperature"], options["top_p"]
   penalty = options["repetition_penalty"]
 
@@ -213,7 +206,7 @@ def _generate_jit(params, input_ids, inputs_embeds, attention_mask, eos, options
   tokens = jnp.full((b, n), pad_id, jnp.int32)
   lengths = jnp.zeros((b,), jnp.int32)
   done = jnp.zeros((b,), jnp.bool_)
-  tok = select(logits, seen, done, 0)
+  tok = select(first_logits, seen, done, 0)
   tokens, lengths, done, seen = record(tokens, lengths, done, seen, tok, 0)
 
   def cond(state):
@@ -234,6 +227,39 @@ def _generate_jit(params, input_ids, inputs_embeds, attention_mask, eos, options
   state = (jnp.int32(1), tok, cache, window, tokens, lengths, done, seen)
   state = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(tokens=state[4], lengths=state[5])
+
+
+def _prompt_seen(input_ids: Array | None, mask: Array, vocab: int) -> Array:
+  """bool[B, V]: the prompt's real token ids (the repetition-penalty set); none for embeds."""
+  b = mask.shape[0]
+  seen = jnp.zeros((b, vocab), jnp.bool_)
+  if input_ids is not None:
+    ids = jnp.where(mask > 0, input_ids, vocab)                    # pads -> dropped
+    seen = seen.at[jnp.arange(b)[:, None], ids].set(True, mode="drop")
+  return seen
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "pad_id"))
+def _generate_jit(params, input_ids, inputs_embeds, attention_mask, eos, options, rng, *,
+                  module, max_new_tokens, pad_id):
+  """The whole generation as one program; sampling options are traced (no recompiles).
+
+  eos: int32[K] stop ids (-1 = none). options: float32 scalars "temperature", "top_p",
+  "repetition_penalty".
+  """
+  params = _variables(params)
+  mask = attention_mask.astype(jnp.int32)
+  mask, input_ids, inputs_embeds = _left_align(mask, input_ids, inputs_embeds)
+  p = mask.shape[1]
+  n = max_new_tokens
+  dtype = _cache_dtype(module, params)
+  window, last_hidden, cache = _prefill(module, params, input_ids, inputs_embeds, mask,
+                                        p + n, dtype)
+  logits = _logits(module, params, last_hidden)                    # [B, V]
+  seen = _prompt_seen(input_ids, mask, logits.shape[-1])
+  n_valid = jnp.sum(mask, axis=1).astype(jnp.int32)
+  return _decode(module, params, cache, window, logits, seen, n_valid, p, n, eos, options,
+                 rng, pad_id)
 
 
 def generate(module: Any, params: PyTree, *, input_ids: Array | np.ndarray | None = None,
@@ -287,29 +313,87 @@ def generate(module: Any, params: PyTree, *, input_ids: Array | np.ndarray | Non
                         constant_values=pad_id)
   else:
     inputs_embeds = jnp.pad(jnp.asarray(inputs_embeds), ((0, 0), (extra, 0), (0, 0)))
-  if eos_id is None:
-    eos_ids = [-1]
-  elif isinstance(eos_id, (int, np.integer)):
-    eos_ids = [int(eos_id)]
-  else:
-    eos_ids = [int(e) for e in eos_id] or [-1]
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  options = {k: jnp.float32(v) for k, v in (("temperature", temperature), ("top_p", top_p),
-                                            ("repetition_penalty", repetition_penalty))}
-  return _generate_jit(params, input_ids, inputs_embeds, mask, jnp.asarray(eos_ids, jnp.int32),
-                       options, rng, module=module, max_new_tokens=int(max_new_tokens),
-                       pad_id=int(pad_id))
+  eos, options = generation_options(eos_id, temperature, top_p, repetition_penalty)
+  return _generate_jit(params, input_ids, inputs_embeds, mask, eos, options, rng,
+                       module=module, max_new_tokens=int(max_new_tokens), pad_id=int(pad_id))
 
 
 # ---------------------------------------------------------------------------------------
 # Scoring.
 
 
-def _repeat_cache(cache: PyTree, c: int) -> PyTree:
-  """Repeats every [B, ...] cache tensor C times along the batch: [B*C, ...] (row-major)."""
-  layers = jax.tree.map(lambda x: jnp.repeat(x, c, axis=0), cache["layers"])
-  return {**cache, "layers": layers}
+def _right_align_continuations(cont_ids: Array, cont_mask: Array) -> tuple[Array, Array]:
+  """Moves each continuation's real tokens first (in order); pads become id 0."""
+  cmask = cont_mask.astype(jnp.int32)
+  order = jnp.argsort(cmask == 0, axis=-1, stable=True)
+  cmask = jnp.take_along_axis(cmask, order, axis=-1)
+  ids = jnp.where(cmask > 0, jnp.take_along_axis(cont_ids.astype(jnp.int32), order, axis=-1), 0)
+  return ids, cmask
+
+
+def _packed_pattern(window: Array, p: int, cmask: Array) -> Array:
+  """bool[B, k*T, S]: continuation token (c, j), written at slot p + c*T + j, sees the
+  prompt's real slots and the slots p + c*T + i of its own continuation with i <= j and
+  token i real; nothing of the other continuations (S = window width >= p + k*T)."""
+  b, k, t = cmask.shape
+  s = window.shape[1]
+  slots = jnp.arange(s)
+  rel = slots - p
+  key_cont = jnp.where(rel >= 0, rel // t, -1)                     # [S]
+  key_tok = jnp.where(rel >= 0, rel % t, 0)
+  key_real = jnp.concatenate(                                       # [B, S]
+      [window[:, :p] > 0, cmask.reshape(b, k * t) > 0,
+       jnp.zeros((b, s - p - k * t), bool)], axis=1)
+  q_cont = jnp.repeat(jnp.arange(k), t)                             # [k*T]
+  q_tok = jnp.tile(jnp.arange(t), k)
+  own = (key_cont[None, :] == q_cont[:, None]) & (key_tok[None, :] <= q_tok[:, None])
+  visible = (rel < 0)[None, :] | own                                # [k*T, S]
+  return visible[None] & key_real[:, None, :]
+
+
+def _score_packed(module: Any, params: PyTree, cache: PyTree, window: Array,
+                  logp_first: Array, n_valid: Array, p: int, ids: Array,
+                  cmask: Array) -> Array:
+  """Sum of token log-probs float32[B, k] of k right-aligned continuations per row, all
+  run as one packed pass of k*T tokens against the prompt's cache (no cache copies per
+  continuation: the pattern keeps them apart)."""
+  b, k, t = ids.shape
+  positions = (n_valid[:, None, None]
+               + jnp.maximum(jnp.cumsum(cmask, axis=-1) - 1, 0)).astype(jnp.int32)
+  _, aux = module.apply(params, input_ids=ids.reshape(b, k * t),
+                        attention_mask=_packed_pattern(window, p, cmask),
+                        positions=positions.reshape(b, k * t), cache=cache,
+                        compute_logits=False)
+  hidden = aux["hidden"].reshape(b, k, t, -1)[:, :, :-1]           # predicts tokens 1..T-1
+  logp_rest = jax.nn.log_softmax(_logits(module, params, hidden), axis=-1)
+  tok_rest = jnp.take_along_axis(logp_rest, ids[..., 1:, None], axis=-1)[..., 0]
+  tok_first = jnp.take_along_axis(logp_first[:, None, :], ids[..., :1], axis=-1)
+  token_logp = jnp.concatenate([tok_first, tok_rest], axis=-1) * cmask           # [B, k, T]
+  return jnp.sum(token_logp, axis=-1)
+
+
+def _score_all(module, params, cache, window, logp_first, n_valid, p, ids, cmask,
+               candidates_per_pass):
+  """Scores C continuations in passes of k (lax.map over groups; empty ones pad the last)."""
+  b, c, t = ids.shape
+  k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
+  run = functools.partial(_score_packed, module, params, cache, window, logp_first, n_valid, p)
+  if k == c:
+    return run(ids, cmask)
+  groups = -(-c // k)
+  extra = groups * k - c                                           # empty continuations
+  ids_g = jnp.pad(ids, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
+  cmask_g = jnp.pad(cmask, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
+  out = jax.lax.map(lambda xs: run(*xs),
+                    (ids_g.transpose(1, 0, 2, 3), cmask_g.transpose(1, 0, 2, 3)))
+  return out.transpose(1, 0, 2).reshape(b, groups * k)[:, :c]
+
+
+def _group_width(c: int, t: int, candidates_per_pass: int | None) -> int:
+  k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
+  return k * t
 
 
 def score_continuations_fn(module: Any, params: PyTree, prompt_ids: Array | None,
@@ -320,49 +404,76 @@ def score_continuations_fn(module: Any, params: PyTree, prompt_ids: Array | None
   params = _variables(params)
   pmask = prompt_mask.astype(jnp.int32)
   pmask, prompt_ids, prompt_embeds = _left_align(pmask, prompt_ids, prompt_embeds)
-  b, p = pmask.shape
+  p = pmask.shape[1]
   _, c, t = cont_ids.shape
-  cmask = cont_mask.astype(jnp.int32)
-  # Continuations must be right-padded (real tokens first): reorder if not.
-  order = jnp.argsort(cmask == 0, axis=-1, stable=True)
-  cmask = jnp.take_along_axis(cmask, order, axis=-1)
-  ids = jnp.where(cmask > 0, jnp.take_along_axis(cont_ids.astype(jnp.int32), order, axis=-1), 0)
-
+  ids, cmask = _right_align_continuations(cont_ids, cont_mask)
   dtype = _cache_dtype(module, params)
   window, last_hidden, cache = _prefill(module, params, prompt_ids, prompt_embeds, pmask,
-                                        p + t, dtype)
+                                        p + _group_width(c, t, candidates_per_pass), dtype)
   logp_first = jax.nn.log_softmax(_logits(module, params, last_hidden), axis=-1)  # [B, V]
   n_valid = jnp.sum(pmask, axis=1)
-
-  def score_group(ids, cmask):
-    """ids, cmask int32[B, k, T] -> sum of token log-probs float32[B, k]."""
-    k = ids.shape[1]
-    ids, cmask = ids.reshape(b * k, t), cmask.reshape(b * k, t)
-    win = jnp.repeat(window, k, axis=0).at[:, p:].set(cmask)
-    positions = (jnp.repeat(n_valid, k)[:, None]
-                 + jnp.maximum(jnp.cumsum(cmask, axis=1) - 1, 0)).astype(jnp.int32)
-    _, aux = module.apply(params, input_ids=ids, attention_mask=win, positions=positions,
-                          cache=_repeat_cache(cache, k), compute_logits=False)
-    hidden = aux["hidden"][:, :-1]                                 # predicts tokens 1..T-1
-    logp_rest = jax.nn.log_softmax(_logits(module, params, hidden), axis=-1)
-    tok_rest = jnp.take_along_axis(logp_rest, ids[:, 1:, None], axis=-1)[..., 0]
-    tok_first = jnp.take_along_axis(jnp.repeat(logp_first, k, axis=0), ids[:, :1], axis=-1)
-    token_logp = jnp.concatenate([tok_first, tok_rest], axis=1) * cmask          # [Bk, T]
-    return jnp.sum(token_logp, axis=1).reshape(b, k)
-
-  k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
-  if k == c:
-    sum_logprob = score_group(ids, cmask)
-  else:
-    groups = -(-c // k)
-    extra = groups * k - c                                         # empty continuations
-    ids_g = jnp.pad(ids, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
-    cmask_g = jnp.pad(cmask, ((0, 0), (0, extra), (0, 0))).reshape(b, groups, k, t)
-    out = jax.lax.map(lambda xs: score_group(*xs),
-                      (ids_g.transpose(1, 0, 2, 3), cmask_g.transpose(1, 0, 2, 3)))
-    sum_logprob = out.transpose(1, 0, 2).reshape(b, groups * k)[:, :c]
+  sum_logprob = _score_all(module, params, cache, window, logp_first, n_valid, p, ids,
+                           cmask, candidates_per_pass)
   num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
   return sum_logprob, num_tokens
+
+
+def rank_and_generate_fn(module: Any, params: PyTree, prompt_ids: Array | None,
+                         prompt_embeds: Array | None, prompt_mask: Array, cont_ids: Array,
+                         cont_mask: Array, eos: Array, options: dict, rng: Array, *,
+                         max_new_tokens: int, pad_id: int,
+                         candidates_per_pass: int | None = None
+                         ) -> tuple[Array, Array, GenerateOutput]:
+  """`score_continuations` and `generate` of the same prompts with ONE prompt prefill.
+
+  The prompt fills a cache once; the continuations are scored against it (packed pass),
+  then decoding starts from the same cache (the continuation slots are overwritten).
+  Traceable (call inside your own jit); `eos`, `options` and `rng` as `generate` builds
+  them (`generation_options`).
+
+  Returns:
+    (sum_logprob float32[B, C], num_tokens int32[B, C], GenerateOutput).
+  """
+  params = _variables(params)
+  pmask = prompt_mask.astype(jnp.int32)
+  pmask, prompt_ids, prompt_embeds = _left_align(pmask, prompt_ids, prompt_embeds)
+  b, p = pmask.shape
+  _, c, t = cont_ids.shape
+  n = int(max_new_tokens)
+  ids, cmask = _right_align_continuations(cont_ids, cont_mask)
+  dtype = _cache_dtype(module, params)
+  width = max(_group_width(c, t, candidates_per_pass), n)
+  window, last_hidden, cache = _prefill(module, params, prompt_ids, prompt_embeds, pmask,
+                                        p + width, dtype)
+  logits = _logits(module, params, last_hidden)                    # [B, V]
+  n_valid = jnp.sum(pmask, axis=1).astype(jnp.int32)
+  sum_logprob = _score_all(module, params, cache, window, jax.nn.log_softmax(logits, -1),
+                           n_valid, p, ids, cmask, candidates_per_pass)
+  num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
+  # Decoding needs p + n slots only: the prompt's cache, cut to that window.
+  gen_cache = {"layers": jax.tree.map(lambda x: x[:, :p + n], cache["layers"]),
+               "end": cache["end"]}
+  gen_window = window[:, :p + n]
+  seen = _prompt_seen(prompt_ids, pmask, logits.shape[-1])
+  out = _decode(module, params, gen_cache, gen_window, logits, seen, n_valid, p, n, eos,
+                options, rng, pad_id)
+  return sum_logprob, num_tokens, out
+
+
+def generation_options(eos_id: int | Sequence[int] | None, temperature: float = 0.0,
+                       top_p: float = 1.0, repetition_penalty: float = 1.0
+                       ) -> tuple[Array, dict]:
+  """(eos int32[K] with -1 = none, {"temperature", "top_p", "repetition_penalty"} scalars)
+  as the jitted decoders take them (traced: changing them does not recompile)."""
+  if eos_id is None:
+    eos_ids = [-1]
+  elif isinstance(eos_id, (int, np.integer)):
+    eos_ids = [int(eos_id)]
+  else:
+    eos_ids = [int(e) for e in eos_id] or [-1]
+  options = {k: jnp.float32(v) for k, v in (("temperature", temperature), ("top_p", top_p),
+                                            ("repetition_penalty", repetition_penalty))}
+  return jnp.asarray(eos_ids, jnp.int32), options
 
 
 _score_jit = jax.jit(score_continuations_fn, static_argnums=(0, 7))
@@ -374,10 +485,11 @@ def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None
                         candidates_per_pass: int | None = None) -> tuple[Array, Array]:
   """Log-likelihood of C continuations per prompt, the prompt run once per row.
 
-  The prompt fills a KV cache once; the cache is repeated over the C continuations and
-  all B*C continuations run in one batched pass (or in passes of `candidates_per_pass`
-  continuations per row, each against the same prompt cache, to bound memory: the
-  repeated cache holds B*C copies of the prompt's keys and values). Token j of a continuation is scored by
+  The prompt fills a KV cache once; the C continuations of a row are then laid out one
+  after another in the slots that follow it and run as one batched pass with an explicit
+  attention pattern (each sees the prompt and its own earlier tokens only), or in passes
+  of `candidates_per_pass` continuations against the same prompt cache to bound the
+  memory of the [B, k*T, P + k*T] pattern and the logits. Token j of a continuation is scored by
   log p(cont[j] | prompt, cont[:j]).
 
   Args:

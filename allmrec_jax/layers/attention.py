@@ -39,7 +39,8 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
 
   Args:
     attention_mask: int[B, T] without a cache, int[B, S] (whole window) with one; None = all
-      valid (with a cache: the slots [0, end + T)).
+      valid (with a cache: the slots [0, end + T)); or an explicit pattern bool[B, T, S]
+      (used as given, no causal rule added; `positions` are then required).
     batch, length: B and T.
     cache: the KV cache or None.
     positions: int[B, T] or None = cumsum(mask) - 1 at the new tokens' slots, clipped at 0.
@@ -53,6 +54,14 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
     window, end = length, jnp.zeros((), jnp.int32)
   else:
     window, end = cache["layers"][0]["k"].shape[1], cache["end"]
+  if attention_mask is not None and attention_mask.ndim == 3:
+    # An explicit pattern (e.g. packed continuations sharing one prompt cache).
+    if attention_mask.shape != (batch, length, window):
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected "
+                       f"{(batch, length, window)} (an explicit [B, T, S] pattern)")
+    if positions is None:
+      raise ValueError("an explicit [B, T, S] attention_mask needs explicit positions")
+    return attention_mask.astype(bool), positions.astype(jnp.int32)
   slots = jnp.arange(window, dtype=jnp.int32)
   if attention_mask is None:
     valid = jnp.broadcast_to(slots[None, :] < end + length, (batch, window))

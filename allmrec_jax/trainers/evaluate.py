@@ -6,7 +6,8 @@ fixed seeded order. Two LLM protocols:
 
 - ranking: log p(candidate answer | prompt) for each of the 20 candidates ('"title"' +
   EOS), the prompt run once per user, the candidates scored against its KV cache in one
-  pass -> `hit@k`, `ndcg@k`, `mrr`; the length-normalised score (mean token
+  packed pass (and, when both protocols run, greedy decoding continues from that same
+  prefill: `generate.rank_and_generate_fn`) -> `hit@k`, `ndcg@k`, `mrr`; the length-normalised score (mean token
   log-prob) gives the same metrics with the suffix `_lnorm`;
 - generation (the paper's): greedy decoding; `gen_hit@1` = the normalised target title
   occurs in the normalised generated text.
@@ -129,8 +130,19 @@ class LLMEvaluator:
                                                  batch["attention_mask"], cont_ids,
                                                  cont_mask)
 
+    def rank_generate_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask,
+                         eos, options):
+      embeds = embeds_fn(proj_params, llm_params, item_table, batch)
+      return generate_lib.rank_and_generate_fn(
+          llm, llm_params, None, embeds, batch["attention_mask"], cont_ids, cont_mask, eos,
+          options, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
+          pad_id=int(tokenizer.pad_token_id))
+
     self._embeds = jax.jit(embeds_fn)
     self._score = jax.jit(score_fn)
+    self._rank_generate = jax.jit(rank_generate_fn)
+    self._gen_options = generate_lib.generation_options(
+        self.eos_ids, repetition_penalty=repetition_penalty)
 
   def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str) -> dict:
     cands = es.prompt_candidates if task == "recommend" else None
@@ -162,13 +174,17 @@ class LLMEvaluator:
         cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates)
         # Only as wide as this batch's longest answer (a multiple of 8: few programs).
         width = -(-max(int(cont_mask.sum(-1).max()), 1) // 8) * 8
-        cont_ids, cont_mask = cont_ids[..., :width], cont_mask[..., :width]
-        s, cnt = self._score(self.proj_params, self.llm_params, self.item_table, batch,
-                             jnp.asarray(cont_ids), jnp.asarray(cont_mask))
+        args = (self.proj_params, self.llm_params, self.item_table, batch,
+                jnp.asarray(cont_ids[..., :width]), jnp.asarray(cont_mask[..., :width]))
+        if generate:   # one prompt prefill serves both protocols
+          s, cnt, out = self._rank_generate(*args, *self._gen_options)
+          texts.extend(self._decode(out)[:n])
+        else:
+          s, cnt = self._score(*args)
         s, cnt = np.asarray(s)[:n], np.asarray(cnt)[:n]
         sums.append(sub.take(slice(0, n)).unpermute(s))
         means.append(sub.take(slice(0, n)).unpermute(s / np.maximum(cnt, 1)))
-      if generate:
+      elif generate:
         texts.extend(self._generate(batch)[:n])
     out: dict[str, Any] = {"texts": texts}
     if rank:
@@ -185,6 +201,9 @@ class LLMEvaluator:
         attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
         eos_id=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id),
         repetition_penalty=self.repetition_penalty)
+    return self._decode(out)
+
+  def _decode(self, out: generate_lib.GenerateOutput) -> list[str]:
     toks = np.asarray(out.tokens)
     lens = np.asarray(out.lengths)
     return [self.tokenizer.decode(toks[b, :lens[b]], skip_special_tokens=True)

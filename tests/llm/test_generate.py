@@ -255,6 +255,49 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   np.testing.assert_allclose(total_e, total, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("new_tokens,per_pass", [(5, None), (40, None), (5, 3)])
+def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass):
+  """One prefill for both: the same scores as score_continuations and the same tokens as
+  generate, whether the decode window is narrower or wider than the packed continuations."""
+  module, params, _, _ = tiny
+  ids, mask = _left_padded(PROMPTS)
+  cids, cmask = _conts(CONTS)
+  eos, options = gen.generation_options(None, repetition_penalty=1.5)
+  fn = jax.jit(gen.rank_and_generate_fn, static_argnums=(0,),
+               static_argnames=("max_new_tokens", "pad_id", "candidates_per_pass"))
+  total, count, out = fn(module, params, jnp.asarray(ids), None, jnp.asarray(mask),
+                         jnp.asarray(cids), jnp.asarray(cmask), eos, options,
+                         jax.random.PRNGKey(0), max_new_tokens=new_tokens, pad_id=PAD,
+                         candidates_per_pass=per_pass)
+  ref_total, ref_count = gen.score_continuations(module, params, prompt_ids=ids,
+                                                 prompt_mask=mask, cont_ids=cids,
+                                                 cont_mask=cmask)
+  ref = gen.generate(module, params, input_ids=ids, attention_mask=mask,
+                     max_new_tokens=new_tokens, eos_id=None, pad_id=PAD,
+                     repetition_penalty=1.5, prompt_bucket=0)
+  np.testing.assert_allclose(total, ref_total, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(count, ref_count)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.lengths, ref.lengths)
+
+
+def test_explicit_attention_pattern_needs_positions(tiny):
+  module, params, _, _ = tiny
+  ids, _ = _left_padded(PROMPTS)
+  pattern = np.tril(np.ones((ids.shape[1], ids.shape[1]), bool))[None].repeat(3, 0)
+  with pytest.raises(ValueError, match="needs explicit positions"):
+    module.apply({"params": params}, input_ids=ids, attention_mask=pattern)
+  pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+  with pytest.raises(ValueError, match=r"explicit \[B, T, S\] pattern"):
+    module.apply({"params": params}, input_ids=ids, attention_mask=pattern[:, 1:],
+                 positions=pos)
+  # A plain causal pattern with explicit positions = the default causal mask.
+  full = np.ones_like(ids)
+  a = module.apply({"params": params}, input_ids=ids, attention_mask=pattern, positions=pos)[0]
+  b = module.apply({"params": params}, input_ids=ids, attention_mask=full)[0]
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_sharded_params_give_the_same_results(tiny):
   from allmrec_jax import sharding as shd  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,218 @@
+r"""Stage-2 speed: our jitted training step and evaluation vs the original code's way.
+
+Ours (SmolLM2-135M-Instruct fp32, MovieLens-100K prompts, 20 candidates, 10 history items):
+  * training: `Stage2Trainer.step` at batch 4 (the paper's), prompts built by the
+    vectorised `PromptBuilder` (timed with the step), non-pad tokens/s;
+  * evaluation: `LLMEvaluator.evaluate` = ranking of the 20 candidates by likelihood AND
+    greedy generation of exactly --new_tokens tokens (EOS ignored, the worst case), one
+    prompt prefill for both, at the config's eval batch; users/s.
+The peer: `../shared/bench/peer_torch.py stage2` and `generate --ignore-eos` (transformers
+with `inputs_embeds`, per-sample prompt building, full LM head, padding to the longest)
+run as subprocesses in the same invocation, so both sides see the same machine state.
+
+FLOP accounting (what the hardware executes, padding included): a forward costs
+2 * (non-embedding weights) per token + attention (4 * L * layers * width per token); the
+training backward computes input gradients only (the LLM is frozen: no weight gradients),
+about one forward more, plus one more forward when layers are rematerialised. The peak is
+a large fp32 matmul jitted in the same process.
+
+Run (idle machine; the whole thing takes ~6 minutes):
+  JAX_PLATFORMS=cpu python benchmarks/bench_stage2.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEER = "/work/shared/bench/peer_torch.py"
+
+
+def _loadavg() -> str:
+  try:
+    with open("/proc/loadavg", encoding="ascii") as f:
+      return " ".join(f.read().split()[:3])
+  except OSError:
+    return "n/a"
+
+
+def matmul_peak(n: int = 2048, runs: int = 7) -> float:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  ts = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    ts.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(ts)
+
+
+def forward_flops(cfg, tokens: int, seq_len: int) -> float:
+  """Matmul FLOPs of one forward over `tokens` tokens in sequences of `seq_len`."""
+  e, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  qkvo = e * cfg.num_heads * cfg.head_dim * 2 + e * cfg.num_kv_heads * cfg.head_dim * 2
+  per_token = 2 * l * (qkvo + 3 * e * f) + 4 * l * seq_len * cfg.num_heads * cfg.head_dim
+  return per_token * tokens
+
+
+def setup(args):
+  from configs import ml100k  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import pipeline  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+  c = ml100k.get_config()
+  ds = prepare.prepare_dataset(c.data)
+  loaded = llm_weights.load_llm(None, dtype="float32", remat=args.remat)
+  builder = pipeline.prompt_builder(ds, loaded.tokenizer, c.stage2)
+  return c, ds, loaded, builder
+
+
+def bench_train(args, c, ds, loaded, builder, peak):
+  import jax  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.data import sampling  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.models import projectors as proj_lib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2  # pylint: disable=import-outside-toplevel
+  ex = stage2.training_examples(ds, maxlen=c.data.maxlen, num_history=c.stage2.num_history)
+  rng = np.random.default_rng(0)
+  rep = rng.normal(size=(len(ex.users), c.cf.hidden_dim)).astype(np.float32)
+  table = rng.uniform(size=(ds.num_items + 1, c.stage1.latent_dim)).astype(np.float32)
+  starts, ends = ds.train_bounds()
+  index = sampling.ExclusionIndex.from_ranges(starts, ends, ds.seq_items, ds.num_items)
+  width = loaded.config.hidden_size
+  proj = proj_lib.Stage2Projectors(table.shape[1], rep.shape[1], width)
+  params = stage2.init_projectors(proj, jax.random.PRNGKey(0), table.shape[1], rep.shape[1])
+  trainer = stage2.Stage2Trainer(llm=loaded.module, llm_params={"params": loaded.params},
+                                 projectors=proj, item_table=table,
+                                 optimizer=stage2.make_optimizer(c.stage2))
+  state = trainer.init_state(params)
+  it = stage2.iterate_batches(ex, rep, builder, ds, index, batch_size=args.batch,
+                              num_candidates=c.stage2.num_candidates, seed=0, epoch=0)
+  times, nonpad, padded, lens = [], [], [], []
+  for i in range(args.warmup + args.iters):
+    t = time.perf_counter()
+    _, arrays = next(it)                         # prompt assembly is timed with the step
+    state, m = trainer.step(state, arrays)
+    float(m["train/loss"])
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+      nonpad.append(int(arrays["attention_mask"].sum()))
+      padded.append(int(arrays["attention_mask"].size))
+      lens.append(int(arrays["attention_mask"].shape[1]))
+  med = statistics.median(times)
+  passes = 3 if args.remat else 2                # forward + input-gradient backward (+ remat)
+  flops = statistics.fmean(passes * forward_flops(loaded.config, p, l)
+                           for p, l in zip(padded, lens))
+  return {"step_s_median": med, "step_s_min": min(times),
+          "nonpad_tokens_per_s": statistics.fmean(nonpad) / med,
+          "nonpad_tokens_per_step": statistics.fmean(nonpad),
+          "padded_tokens_per_step": statistics.fmean(padded),
+          "gflop_per_s": flops / med / 1e9, "fraction_of_peak": flops / med / peak,
+          "remat": bool(args.remat), "shapes": sorted(trainer.compiled_shapes)}
+
+
+def bench_eval(args, c, ds, loaded, builder, peak):
+  from allmrec_jax.models import projectors as proj_lib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import evaluate  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  bs = args.eval_batch or c.eval.batch_size
+  es = evaluate.make_eval_set(ds, "test", maxlen=c.data.maxlen,
+                              num_history=c.stage2.num_history,
+                              max_users=bs * (args.eval_batches + 1), seed=0)
+  rng = np.random.default_rng(0)
+  rep = rng.normal(size=(len(es.users), c.cf.hidden_dim)).astype(np.float32)
+  table = rng.uniform(size=(ds.num_items + 1, c.stage1.latent_dim)).astype(np.float32)
+  proj = proj_lib.Stage2Projectors(table.shape[1], rep.shape[1], loaded.config.hidden_size)
+  params = stage2.init_projectors(proj, jax.random.PRNGKey(0), table.shape[1], rep.shape[1])
+  ev = evaluate.LLMEvaluator(llm=loaded.module, llm_params={"params": loaded.params},
+                             tokenizer=loaded.tokenizer, builder=builder, titles=ds.titles,
+                             projectors=proj, proj_params=params, item_table=table,
+                             batch_size=bs, max_new_tokens=args.new_tokens,
+                             repetition_penalty=c.eval.repetition_penalty, eos_ids=())
+  ev.evaluate(es.take(slice(0, bs)), rep[:bs], desc="warm-up")        # compiles
+  times = []
+  for j in range(1, args.eval_batches + 1):
+    sl = slice(j * bs, (j + 1) * bs)
+    t = time.perf_counter()
+    res = ev.evaluate(es.take(sl), rep[sl], desc="timed")
+    times.append(time.perf_counter() - t)
+    assert all(len(x) for x in res["texts"])
+  med = statistics.median(times)
+  return {"batch": bs, "batch_s_median": med, "s_per_user": med / bs,
+          "users_per_s": bs / med, "new_tokens": args.new_tokens,
+          "protocols": "ranking of 20 candidates + greedy generation (EOS ignored)"}
+
+
+def run_peer(cmd_name: str, extra: list[str]) -> dict:
+  from allmrec_jax import assets  # pylint: disable=import-outside-toplevel
+  gguf = str(assets.get_asset("smollm2-135m"))
+  data_dir = str(assets.get_asset("ml-100k")) if "ml-100k" in assets.ASSETS else None
+  cmd = [sys.executable, PEER, cmd_name, "--llm", "smollm2",
+         "--llm-dir", os.path.dirname(gguf), "--llm-gguf", os.path.basename(gguf)] + extra
+  if data_dir:
+    cmd += ["--data-dir", data_dir]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+  if out.returncode or not lines:
+    return {"error": f"peer exited {out.returncode}: {out.stderr[-800:]}", "cmd": " ".join(cmd)}
+  res = json.loads(lines[-1])
+  res["cmd"] = " ".join(cmd)
+  return res
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--batch", type=int, default=4, help="training batch (paper: 4)")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--iters", type=int, default=6)
+  ap.add_argument("--remat", action="store_true", help="rematerialise decoder layers")
+  ap.add_argument("--eval_batch", type=int, default=0, help="0 = config.eval.batch_size")
+  ap.add_argument("--eval_batches", type=int, default=3, help="timed evaluation batches")
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--skip_peer", action="store_true")
+  ap.add_argument("--skip_train", action="store_true")
+  ap.add_argument("--skip_eval", action="store_true")
+  args = ap.parse_args()
+  result = {"loadavg_before": _loadavg()}
+  peak = matmul_peak()
+  result["matmul_peak_gflop_per_s"] = peak / 1e9
+  c, ds, loaded, builder = setup(args)
+  if not args.skip_train:
+    result["ours_train"] = bench_train(args, c, ds, loaded, builder, peak)
+    print(json.dumps({"ours_train": result["ours_train"]}, default=str), flush=True)
+  if not args.skip_eval:
+    result["ours_eval"] = bench_eval(args, c, ds, loaded, builder, peak)
+    print(json.dumps({"ours_eval": result["ours_eval"]}), flush=True)
+  if not args.skip_peer:
+    if not args.skip_train:
+      p = run_peer("stage2", ["--batch-size", str(args.batch)])
+      result["peer_train"] = {k: p.get(k) for k in ("nonpad_tokens_per_s", "step_s",
+                                                    "machine_load", "error", "cmd")}
+      if "nonpad_tokens_per_s" in p:
+        result["train_speedup"] = (result["ours_train"]["nonpad_tokens_per_s"]
+                                   / p["nonpad_tokens_per_s"])
+    if not args.skip_eval:
+      p = run_peer("generate", ["--batch-size", "2", "--ignore-eos",
+                                "--max-new-tokens", str(args.new_tokens)])
+      result["peer_generate"] = {k: p.get(k) for k in ("users_per_s", "s_per_user_median",
+                                                       "machine_load", "error", "cmd")}
+      if "users_per_s" in p:
+        result["eval_speedup"] = result["ours_eval"]["users_per_s"] / p["users_per_s"]
+  result["loadavg_after"] = _loadavg()
+  print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+  main()
