@@ -333,53 +333,67 @@ def _right_align_continuations(cont_ids: Array, cont_mask: Array) -> tuple[Array
   return ids, cmask
 
 
-def _packed_pattern(window: Array, p: int, cmask: Array) -> Array:
-  """bool[B, k*T, S]: continuation token (c, j), written at slot p + c*T + j, sees the
-  prompt's real slots and the slots p + c*T + i of its own continuation with i <= j and
-  token i real; nothing of the other continuations (S = window width >= p + k*T)."""
-  b, k, t = cmask.shape
+def _pack(ids: Array, cmask: Array, packed_len: int) -> tuple[Array, Array, Array]:
+  """Lays each row's k right-aligned continuations back to back in `packed_len` slots.
+
+  Returns (ids int32[B, Lp], segment int32[B, Lp] = the continuation of each slot or -1
+  for an empty slot, offset int32[B, Lp] = the token's index inside its continuation).
+  Tokens beyond `packed_len` are dropped (callers size Lp to fit: `packed_length`).
+  """
+  b, k, t = ids.shape
+  lens = jnp.sum(cmask, axis=-1)                                    # [B, k]
+  start = jnp.cumsum(lens, axis=-1) - lens
+  tok = jnp.arange(t)
+  dest = jnp.where(cmask > 0, start[..., None] + tok, packed_len)   # [B, k, T]
+  rows = jnp.arange(b)[:, None, None]
+  put = lambda fill, val: jnp.full((b, packed_len), fill, jnp.int32).at[rows, dest].set(
+      val, mode="drop")
+  seg = jnp.broadcast_to(jnp.arange(k)[None, :, None], (b, k, t))
+  return put(0, ids), put(-1, seg), put(0, jnp.broadcast_to(tok, (b, k, t)))
+
+
+def _packed_pattern(window: Array, p: int, segment: Array) -> Array:
+  """bool[B, Lp, S]: packed slot i (cache slot p + i) sees the prompt's real slots and the
+  slots j <= i of its own continuation; nothing of the other continuations."""
+  b, lp = segment.shape
   s = window.shape[1]
-  slots = jnp.arange(s)
-  rel = slots - p
-  key_cont = jnp.where(rel >= 0, rel // t, -1)                     # [S]
-  key_tok = jnp.where(rel >= 0, rel % t, 0)
-  key_real = jnp.concatenate(                                       # [B, S]
-      [window[:, :p] > 0, cmask.reshape(b, k * t) > 0,
-       jnp.zeros((b, s - p - k * t), bool)], axis=1)
-  q_cont = jnp.repeat(jnp.arange(k), t)                             # [k*T]
-  q_tok = jnp.tile(jnp.arange(t), k)
-  own = (key_cont[None, :] == q_cont[:, None]) & (key_tok[None, :] <= q_tok[:, None])
-  visible = (rel < 0)[None, :] | own                                # [k*T, S]
-  return visible[None] & key_real[:, None, :]
+  idx = jnp.arange(lp)
+  own = ((segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+         & (idx[None, None, :] <= idx[None, :, None]))             # [B, Lp, Lp]
+  prompt = jnp.broadcast_to((window[:, None, :p] > 0), (b, lp, p))
+  rest = jnp.zeros((b, lp, s - p - lp), bool)
+  return jnp.concatenate([prompt, own, rest], axis=-1)
 
 
 def _score_packed(module: Any, params: PyTree, cache: PyTree, window: Array,
-                  logp_first: Array, n_valid: Array, p: int, ids: Array,
+                  logp_first: Array, n_valid: Array, p: int, packed_len: int, ids: Array,
                   cmask: Array) -> Array:
-  """Sum of token log-probs float32[B, k] of k right-aligned continuations per row, all
-  run as one packed pass of k*T tokens against the prompt's cache (no cache copies per
-  continuation: the pattern keeps them apart)."""
-  b, k, t = ids.shape
-  positions = (n_valid[:, None, None]
-               + jnp.maximum(jnp.cumsum(cmask, axis=-1) - 1, 0)).astype(jnp.int32)
-  _, aux = module.apply(params, input_ids=ids.reshape(b, k * t),
-                        attention_mask=_packed_pattern(window, p, cmask),
-                        positions=positions.reshape(b, k * t), cache=cache,
-                        compute_logits=False)
-  hidden = aux["hidden"].reshape(b, k, t, -1)[:, :, :-1]           # predicts tokens 1..T-1
-  logp_rest = jax.nn.log_softmax(_logits(module, params, hidden), axis=-1)
-  tok_rest = jnp.take_along_axis(logp_rest, ids[..., 1:, None], axis=-1)[..., 0]
-  tok_first = jnp.take_along_axis(logp_first[:, None, :], ids[..., :1], axis=-1)
-  token_logp = jnp.concatenate([tok_first, tok_rest], axis=-1) * cmask           # [B, k, T]
-  return jnp.sum(token_logp, axis=-1)
+  """Sum of token log-probs float32[B, k] of k right-aligned continuations per row, run
+  back to back as one packed pass of `packed_len` tokens against the prompt's cache (no
+  per-continuation cache copies, no padding inside the pass: the pattern keeps the
+  continuations apart)."""
+  b, k, _ = ids.shape
+  pids, seg, off = _pack(ids, cmask, packed_len)
+  _, aux = module.apply(params, input_ids=pids, attention_mask=_packed_pattern(window, p, seg),
+                        positions=n_valid[:, None] + off, cache=cache, compute_logits=False)
+  # Slot i's token is predicted by slot i - 1, or by the prompt for a continuation's first.
+  logp_prev = jax.nn.log_softmax(_logits(module, params, aux["hidden"][:, :-1]), axis=-1)
+  from_prev = jnp.take_along_axis(logp_prev, pids[:, 1:, None], axis=-1)[..., 0]
+  from_prev = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), from_prev], axis=1)
+  from_prompt = jnp.take_along_axis(logp_first, pids, axis=-1)      # [B, Lp]
+  token_logp = jnp.where(off == 0, from_prompt, from_prev) * (seg >= 0)
+  dest = jnp.where(seg >= 0, seg, k)
+  return jnp.zeros((b, k), jnp.float32).at[jnp.arange(b)[:, None], dest].add(
+      token_logp, mode="drop")
 
 
 def _score_all(module, params, cache, window, logp_first, n_valid, p, ids, cmask,
-               candidates_per_pass):
+               candidates_per_pass, packed_len):
   """Scores C continuations in passes of k (lax.map over groups; empty ones pad the last)."""
   b, c, t = ids.shape
   k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
-  run = functools.partial(_score_packed, module, params, cache, window, logp_first, n_valid, p)
+  run = functools.partial(_score_packed, module, params, cache, window, logp_first, n_valid,
+                          p, packed_len)
   if k == c:
     return run(ids, cmask)
   groups = -(-c // k)
@@ -391,7 +405,23 @@ def _score_all(module, params, cache, window, logp_first, n_valid, p, ids, cmask
   return out.transpose(1, 0, 2).reshape(b, groups * k)[:, :c]
 
 
-def _group_width(c: int, t: int, candidates_per_pass: int | None) -> int:
+def packed_length(cont_mask: np.ndarray, candidates_per_pass: int | None = None,
+                  multiple: int = 32) -> int:
+  """The smallest `packed_len` (a multiple of `multiple`) that holds every pass's real
+  continuation tokens of every row, for int[B, C, T] `cont_mask` (host side)."""
+  m = np.asarray(cont_mask) > 0
+  c = m.shape[1]
+  k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
+  groups = -(-c // k)
+  m = np.pad(m, ((0, 0), (0, groups * k - c), (0, 0)))
+  need = int(m.reshape(m.shape[0], groups, -1).sum(-1).max(initial=0))
+  return max(multiple, -(-need // multiple) * multiple)
+
+
+def _pass_length(c: int, t: int, candidates_per_pass: int | None,
+                 packed_len: int | None) -> int:
+  if packed_len:
+    return int(packed_len)
   k = c if not candidates_per_pass else min(int(candidates_per_pass), c)
   return k * t
 
@@ -399,7 +429,8 @@ def _group_width(c: int, t: int, candidates_per_pass: int | None) -> int:
 def score_continuations_fn(module: Any, params: PyTree, prompt_ids: Array | None,
                            prompt_embeds: Array | None, prompt_mask: Array,
                            cont_ids: Array, cont_mask: Array,
-                           candidates_per_pass: int | None = None) -> tuple[Array, Array]:
+                           candidates_per_pass: int | None = None,
+                           packed_len: int | None = None) -> tuple[Array, Array]:
   """Traceable body of `score_continuations` (call it inside your own jit)."""
   params = _variables(params)
   pmask = prompt_mask.astype(jnp.int32)
@@ -408,12 +439,13 @@ def score_continuations_fn(module: Any, params: PyTree, prompt_ids: Array | None
   _, c, t = cont_ids.shape
   ids, cmask = _right_align_continuations(cont_ids, cont_mask)
   dtype = _cache_dtype(module, params)
+  lp = _pass_length(c, t, candidates_per_pass, packed_len)
   window, last_hidden, cache = _prefill(module, params, prompt_ids, prompt_embeds, pmask,
-                                        p + _group_width(c, t, candidates_per_pass), dtype)
+                                        p + lp, dtype)
   logp_first = jax.nn.log_softmax(_logits(module, params, last_hidden), axis=-1)  # [B, V]
   n_valid = jnp.sum(pmask, axis=1)
   sum_logprob = _score_all(module, params, cache, window, logp_first, n_valid, p, ids,
-                           cmask, candidates_per_pass)
+                           cmask, candidates_per_pass, lp)
   num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
   return sum_logprob, num_tokens
 
@@ -422,7 +454,8 @@ def rank_and_generate_fn(module: Any, params: PyTree, prompt_ids: Array | None,
                          prompt_embeds: Array | None, prompt_mask: Array, cont_ids: Array,
                          cont_mask: Array, eos: Array, options: dict, rng: Array, *,
                          max_new_tokens: int, pad_id: int,
-                         candidates_per_pass: int | None = None
+                         candidates_per_pass: int | None = None,
+                         packed_len: int | None = None
                          ) -> tuple[Array, Array, GenerateOutput]:
   """`score_continuations` and `generate` of the same prompts with ONE prompt prefill.
 
@@ -442,13 +475,14 @@ def rank_and_generate_fn(module: Any, params: PyTree, prompt_ids: Array | None,
   n = int(max_new_tokens)
   ids, cmask = _right_align_continuations(cont_ids, cont_mask)
   dtype = _cache_dtype(module, params)
-  width = max(_group_width(c, t, candidates_per_pass), n)
+  lp = _pass_length(c, t, candidates_per_pass, packed_len)
+  width = max(lp, n)
   window, last_hidden, cache = _prefill(module, params, prompt_ids, prompt_embeds, pmask,
                                         p + width, dtype)
   logits = _logits(module, params, last_hidden)                    # [B, V]
   n_valid = jnp.sum(pmask, axis=1).astype(jnp.int32)
   sum_logprob = _score_all(module, params, cache, window, jax.nn.log_softmax(logits, -1),
-                           n_valid, p, ids, cmask, candidates_per_pass)
+                           n_valid, p, ids, cmask, candidates_per_pass, lp)
   num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
   # Decoding needs p + n slots only: the prompt's cache, cut to that window.
   gen_cache = {"layers": jax.tree.map(lambda x: x[:, :p + n], cache["layers"]),
@@ -476,7 +510,7 @@ def generation_options(eos_id: int | Sequence[int] | None, temperature: float = 
   return jnp.asarray(eos_ids, jnp.int32), options
 
 
-_score_jit = jax.jit(score_continuations_fn, static_argnums=(0, 7))
+_score_jit = jax.jit(score_continuations_fn, static_argnums=(0, 7, 8))
 
 
 def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None = None,
@@ -485,11 +519,12 @@ def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None
                         candidates_per_pass: int | None = None) -> tuple[Array, Array]:
   """Log-likelihood of C continuations per prompt, the prompt run once per row.
 
-  The prompt fills a KV cache once; the C continuations of a row are then laid out one
-  after another in the slots that follow it and run as one batched pass with an explicit
-  attention pattern (each sees the prompt and its own earlier tokens only), or in passes
-  of `candidates_per_pass` continuations against the same prompt cache to bound the
-  memory of the [B, k*T, P + k*T] pattern and the logits. Token j of a continuation is scored by
+  The prompt fills a KV cache once; the real tokens of a row's C continuations are then
+  laid back to back (no padding between them) in the slots that follow it and run as one
+  batched pass with an explicit attention pattern (each token sees the prompt and the
+  earlier tokens of its own continuation only), or in passes of `candidates_per_pass`
+  continuations against the same prompt cache to bound memory. The packed length is the
+  longest row's token count rounded up to 32 (`packed_length`). Token j of a continuation is scored by
   log p(cont[j] | prompt, cont[:j]).
 
   Args:
@@ -521,5 +556,7 @@ def score_continuations(module: Any, params: PyTree, *, prompt_ids: Array | None
   if candidates_per_pass is not None and candidates_per_pass < 1:
     raise ValueError(f"score_continuations: candidates_per_pass={candidates_per_pass} must "
                      "be >= 1 (or None = all at once)")
+  packed = packed_length(np.asarray(cont_mask), candidates_per_pass)
   return _score_jit(module, params, prompt_ids, prompt_embeds, jnp.asarray(prompt_mask),
-                    jnp.asarray(cont_ids), jnp.asarray(cont_mask), candidates_per_pass)
+                    jnp.asarray(cont_ids), jnp.asarray(cont_mask), candidates_per_pass,
+                    packed)

@@ -124,23 +124,24 @@ class LLMEvaluator:
                                             item_table, batch, use_user=use_user,
                                             use_items=use_items)
 
-    def score_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask):
+    def score_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask, *,
+                 packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
       return generate_lib.score_continuations_fn(llm, llm_params, None, embeds,
                                                  batch["attention_mask"], cont_ids,
-                                                 cont_mask)
+                                                 cont_mask, packed_len=packed_len)
 
     def rank_generate_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask,
-                         eos, options):
+                         eos, options, *, packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
       return generate_lib.rank_and_generate_fn(
           llm, llm_params, None, embeds, batch["attention_mask"], cont_ids, cont_mask, eos,
           options, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
-          pad_id=int(tokenizer.pad_token_id))
+          pad_id=int(tokenizer.pad_token_id), packed_len=packed_len)
 
     self._embeds = jax.jit(embeds_fn)
-    self._score = jax.jit(score_fn)
-    self._rank_generate = jax.jit(rank_generate_fn)
+    self._score = jax.jit(score_fn, static_argnames=("packed_len",))
+    self._rank_generate = jax.jit(rank_generate_fn, static_argnames=("packed_len",))
     self._gen_options = generate_lib.generation_options(
         self.eos_ids, repetition_penalty=repetition_penalty)
 
@@ -172,15 +173,16 @@ class LLMEvaluator:
       batch = self._batch(sub, rep, "recommend")
       if rank:
         cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates)
-        # Only as wide as this batch's longest answer (a multiple of 8: few programs).
-        width = -(-max(int(cont_mask.sum(-1).max()), 1) // 8) * 8
         args = (self.proj_params, self.llm_params, self.item_table, batch,
-                jnp.asarray(cont_ids[..., :width]), jnp.asarray(cont_mask[..., :width]))
+                jnp.asarray(cont_ids), jnp.asarray(cont_mask))
+        # The 20 answers run back to back (no padding between them) in one pass of this
+        # many tokens; a multiple of 64 so that a run compiles few programs.
+        packed = generate_lib.packed_length(cont_mask, multiple=64)
         if generate:   # one prompt prefill serves both protocols
-          s, cnt, out = self._rank_generate(*args, *self._gen_options)
+          s, cnt, out = self._rank_generate(*args, *self._gen_options, packed_len=packed)
           texts.extend(self._decode(out)[:n])
         else:
-          s, cnt = self._score(*args)
+          s, cnt = self._score(*args, packed_len=packed)
         s, cnt = np.asarray(s)[:n], np.asarray(cnt)[:n]
         sums.append(sub.take(slice(0, n)).unpermute(s))
         means.append(sub.take(slice(0, n)).unpermute(s / np.maximum(cnt, 1)))

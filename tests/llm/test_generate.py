@@ -255,8 +255,9 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   np.testing.assert_allclose(total_e, total, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("new_tokens,per_pass", [(5, None), (40, None), (5, 3)])
-def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass):
+@pytest.mark.parametrize("new_tokens,per_pass,packed", [(5, None, None), (40, None, None),
+                                                         (5, 3, None), (5, None, "fit")])
+def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass, packed):
   """One prefill for both: the same scores as score_continuations and the same tokens as
   generate, whether the decode window is narrower or wider than the packed continuations."""
   module, params, _, _ = tiny
@@ -264,11 +265,13 @@ def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass)
   cids, cmask = _conts(CONTS)
   eos, options = gen.generation_options(None, repetition_penalty=1.5)
   fn = jax.jit(gen.rank_and_generate_fn, static_argnums=(0,),
-               static_argnames=("max_new_tokens", "pad_id", "candidates_per_pass"))
+               static_argnames=("max_new_tokens", "pad_id", "candidates_per_pass",
+                                "packed_len"))
   total, count, out = fn(module, params, jnp.asarray(ids), None, jnp.asarray(mask),
                          jnp.asarray(cids), jnp.asarray(cmask), eos, options,
                          jax.random.PRNGKey(0), max_new_tokens=new_tokens, pad_id=PAD,
-                         candidates_per_pass=per_pass)
+                         candidates_per_pass=per_pass,
+                         packed_len=gen.packed_length(cmask, per_pass, 1) if packed else None)
   ref_total, ref_count = gen.score_continuations(module, params, prompt_ids=ids,
                                                  prompt_mask=mask, cont_ids=cids,
                                                  cont_mask=cmask)
@@ -279,6 +282,15 @@ def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass)
   np.testing.assert_array_equal(count, ref_count)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_array_equal(out.lengths, ref.lengths)
+
+
+def test_packed_length():
+  m = np.zeros((2, 3, 4), np.int32)
+  m[0, :, :3] = 1                                   # row 0: 9 tokens
+  m[1, 0, :4] = 1                                   # row 1: 4 tokens
+  assert gen.packed_length(m, multiple=8) == 16
+  assert gen.packed_length(m, candidates_per_pass=1, multiple=1) == 4
+  assert gen.packed_length(m, candidates_per_pass=2, multiple=1) == 6
 
 
 def test_explicit_attention_pattern_needs_positions(tiny):
