@@ -8,6 +8,9 @@ the 45-minute budget of the main command; each deviation is named here:
   stage2.num_epochs = 1   (paper 5)     one pass over the 943 users
   stage2.lr = 1e-3        (paper 1e-4)  so one epoch moves the projectors far enough
   eval.max_users = 200    (paper: up to 10,000) a seeded subset, the same for every model
+  eval.baselines = cf,llm_only  (base: + mlp_llm) MLP-LLM is a second stage-2 training
+                          (~20 more minutes here); add it with
+                          --config.eval.baselines=cf,llm_only,mlp_llm
 Use configs/base.py values for a paper-exact run: --config.stage2.num_epochs=5
 --config.stage2.lr=1e-4 --config.eval.max_users=10000.
 """
@@ -21,4 +24,5 @@ def get_config():
   c.stage2.num_epochs = 1         # CPU budget (paper: 5)
   c.stage2.lr = 1e-3              # CPU budget: one epoch instead of five (paper: 1e-4)
   c.eval.max_users = 200          # CPU budget: seeded subset of the 943 test users
+  c.eval.baselines = "cf,llm_only"  # CPU budget: MLP-LLM would train stage 2 a second time
   return c
