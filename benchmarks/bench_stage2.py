@@ -16,7 +16,8 @@ training backward computes input gradients only (the LLM is frozen: no weight gr
 about one forward more, plus one more forward when layers are rematerialised. The peak is
 a large fp32 matmul jitted in the same process.
 
-Run (idle machine; the whole thing takes ~6 minutes):
+Run (idle machine; the whole thing takes ~6 minutes; the peer needs `accelerate` to read
+the GGUF: `.venv/bin/pip install -e '.[bench]'`):
   JAX_PLATFORMS=cpu python benchmarks/bench_stage2.py
 """
 
