@@ -36,6 +36,7 @@ def test_all_stages_tiny(tmp_path):
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every = 3, 2
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
+  c.eval.baselines = "cf,llm_only,mlp_llm"   # all three (configs/ml100k.py makes MLP-LLM opt-in)
   work = tmp_path / "run"
   metrics = pipeline.train_and_evaluate(c, work)
   for stage in ("cf", "stage1", "stage2", "stage2_mlp_llm"):
