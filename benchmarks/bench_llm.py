@@ -41,6 +41,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench_common  # pylint: disable=wrong-import-position  (this folder is sys.path[0])
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 4, "prompts per batch")
 flags.DEFINE_integer("prompt_len", 300, "tokens per prompt")
@@ -48,14 +50,6 @@ flags.DEFINE_integer("new_tokens", 32, "generated tokens")
 flags.DEFINE_integer("runs", 5, "timed runs per measurement (median reported)")
 flags.DEFINE_list("torch_threads", ["2", "1"], "torch.set_num_threads values to measure")
 flags.DEFINE_string("llm", "smollm2-135m", "model (see launch/generate.py --llm)")
-
-
-def _loadavg() -> str:
-  try:
-    with open("/proc/loadavg", encoding="ascii") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
 
 
 def _median_time(fn, runs: int) -> float:
@@ -107,7 +101,7 @@ def main(argv):
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
 
   b, p, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens
-  load_before = _loadavg()
+  load_before = bench_common.loadavg()
   loaded = llm_weights.load_llm(FLAGS.llm, dtype="float32")
   rng = np.random.RandomState(0)
   ids = rng.randint(100, loaded.config.vocab_size - 100, (b, p)).astype(np.int32)
@@ -124,7 +118,7 @@ def main(argv):
   ours_total = _median_time(lambda: ours(n), FLAGS.runs)
 
   print(json.dumps({"ours": results_ours(ours_prefill, ours_total, b, p, n),
-                    "loadavg": _loadavg()}), flush=True)
+                    "loadavg": bench_common.loadavg()}), flush=True)
   hf = _hf_model(loaded)
   ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
@@ -152,9 +146,9 @@ def main(argv):
         "prefill": results["ours"]["prefill_tok_s"] / results[key]["prefill_tok_s"],
         "decode": results["ours"]["decode_tok_s"] / results[key]["decode_tok_s"]}
     print(json.dumps({key: results[key], "speedup": results[f"speedup_vs_{threads}threads"],
-                      "loadavg": _loadavg()}), flush=True)
+                      "loadavg": bench_common.loadavg()}), flush=True)
   results["loadavg_before"] = load_before
-  results["loadavg_after"] = _loadavg()
+  results["loadavg_after"] = bench_common.loadavg()
 
   print(f"{'':28s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
   for k, v in results.items():

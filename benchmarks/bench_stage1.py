@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-import numpy as np
 
+import bench_common  # this folder is sys.path[0]
 from allmrec_jax import assets
 from allmrec_jax.data import pipelines
 from allmrec_jax.data import prepare
@@ -36,7 +35,6 @@ from allmrec_jax.trainers import stage1
 from allmrec_jax.weights import sbert as sbert_lib
 from configs import ml100k
 
-PEER = "/work/shared/bench/peer_torch.py"
 
 
 def _cpu_busy():
@@ -113,18 +111,16 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
 
 
 def bench_peer(args):
-  cmd = [sys.executable, PEER, "stage1", "--batch-size", str(args.batch_size),
-         "--data-dir", os.path.expanduser(args.data_dir),
-         "--sbert-path", str(assets.get_asset("all-minilm-l6-v2")),
-         "--warmup", str(args.peer_warmup), "--iters", str(args.peer_iters),
-         "--threads", str(args.threads)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-  if out.returncode or not lines:
-    return {"error": f"peer exited {out.returncode}: {out.stderr[-800:]}", "cmd": " ".join(cmd)}
-  res = json.loads(lines[-1])
+  res = bench_common.run_peer(
+      ["stage1", "--batch-size", str(args.batch_size),
+       "--data-dir", os.path.expanduser(args.data_dir),
+       "--sbert-path", str(assets.get_asset("all-minilm-l6-v2")),
+       "--warmup", str(args.peer_warmup), "--iters", str(args.peer_iters),
+       "--threads", str(args.threads)])
+  if "error" in res:
+    return res
   return {"users_per_s": res["users_per_s"], "step_s_median": res["step_s"]["median"],
-          "machine_load": res.get("machine_load"), "cmd": " ".join(cmd)}
+          "machine_load": res.get("machine_load"), "cmd": res["cmd"]}
 
 
 def main():

@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -50,16 +49,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PEER = "/work/shared/bench/peer_torch.py"
-
-
-def _loadavg() -> str:
-  try:
-    with open("/proc/loadavg", encoding="ascii") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
-
+import bench_common  # pylint: disable=wrong-import-position  (this folder is sys.path[0])
 
 def matmul_peak(n: int = 2048, runs: int = 7) -> float:
   import jax  # pylint: disable=import-outside-toplevel
@@ -138,7 +128,7 @@ def bench_train(args, c, ds, loaded, builder, peak):
           "remat": bool(args.remat), "shapes": sorted(trainer.compiled_shapes)}
 
 
-def bench_eval(args, c, ds, loaded, builder, peak):
+def bench_eval(args, c, ds, loaded, builder):
   from allmrec_jax.models import projectors as proj_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import evaluate  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import stage2  # pylint: disable=import-outside-toplevel
@@ -174,18 +164,10 @@ def bench_eval(args, c, ds, loaded, builder, peak):
 def run_peer(cmd_name: str, extra: list[str]) -> dict:
   from allmrec_jax import assets  # pylint: disable=import-outside-toplevel
   gguf = str(assets.get_asset("smollm2-135m"))
-  data_dir = str(assets.get_asset("ml-100k")) if "ml-100k" in assets.ASSETS else None
-  cmd = [sys.executable, PEER, cmd_name, "--llm", "smollm2",
-         "--llm-dir", os.path.dirname(gguf), "--llm-gguf", os.path.basename(gguf)] + extra
-  if data_dir:
-    cmd += ["--data-dir", data_dir]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-  if out.returncode or not lines:
-    return {"error": f"peer exited {out.returncode}: {out.stderr[-800:]}", "cmd": " ".join(cmd)}
-  res = json.loads(lines[-1])
-  res["cmd"] = " ".join(cmd)
-  return res
+  return bench_common.run_peer(
+      [cmd_name, "--llm", "smollm2", "--llm-dir", os.path.dirname(gguf),
+       "--llm-gguf", os.path.basename(gguf), "--data-dir", str(assets.get_asset("ml-100k"))]
+      + extra)
 
 
 def main():
@@ -201,7 +183,7 @@ def main():
   ap.add_argument("--skip_train", action="store_true")
   ap.add_argument("--skip_eval", action="store_true")
   args = ap.parse_args()
-  result = {"loadavg_before": _loadavg()}
+  result = {"loadavg_before": bench_common.loadavg()}
   peak = matmul_peak()
   result["matmul_peak_gflop_per_s"] = peak / 1e9
   c, ds, loaded, builder = setup(args)
@@ -209,7 +191,7 @@ def main():
     result["ours_train"] = bench_train(args, c, ds, loaded, builder, peak)
     print(json.dumps({"ours_train": result["ours_train"]}, default=str), flush=True)
   if not args.skip_eval:
-    result["ours_eval"] = bench_eval(args, c, ds, loaded, builder, peak)
+    result["ours_eval"] = bench_eval(args, c, ds, loaded, builder)
     print(json.dumps({"ours_eval": result["ours_eval"]}), flush=True)
   if not args.skip_peer:
     if not args.skip_train:
@@ -226,7 +208,7 @@ def main():
                                                        "machine_load", "error", "cmd")}
       if "users_per_s" in p:
         result["eval_speedup"] = result["ours_eval"]["users_per_s"] / p["users_per_s"]
-  result["loadavg_after"] = _loadavg()
+  result["loadavg_after"] = bench_common.loadavg()
   print(json.dumps(result, indent=1, default=str))
 
 

@@ -109,15 +109,17 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   eval_dir.mkdir(parents=True, exist_ok=True)
   examples: dict[str, dict] = {}
 
-  def evaluated(key: str, label: str, run) -> dict[str, float]:
+  def evaluated(key: str, label: str, run, prepare=lambda: None) -> dict[str, float]:
     """Runs one model's evaluation once; its metrics and texts are kept in eval/<key>.json
-    so an interrupted evaluation resumes with the next model."""
+    so an interrupted evaluation resumes with the next model. `prepare()` (e.g. training
+    the baseline) runs first, outside `eval/<key>/seconds`; `run(prepared)` evaluates."""
     path = eval_dir / f"{key}.json"
     if path.exists():
       saved = json.loads(path.read_text())
     else:
+      prepared = prepare()
       t0 = time.perf_counter()
-      res, m = run()
+      res, m = run(prepared)
       m = {**m, f"eval/{key}/seconds": time.perf_counter() - t0}
       saved = {"metrics": m, "texts": res.get("texts", [])}
       path.write_text(json.dumps(saved))
@@ -128,7 +130,7 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   # A-LLMRec.
   params, table = train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
 
-  def run_allmrec():
+  def run_allmrec(_):
     ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
                                item_table=table, use_user=cfg.use_user,
                                use_items=cfg.use_items, **common)
@@ -143,18 +145,19 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
       metrics.update(eval_lib.ranking_metrics(
           eval_lib.cf_scores(cf_model, cf_params, es), bp))
     elif name == "llm_only":
-      def run_llm_only():
+      def run_llm_only(_):
         r = eval_lib.LLMEvaluator(soft=False, **common).evaluate(es, None, desc="eval LLM-Only")
         return r, eval_lib.llm_metrics(r, bp)
       metrics.update(evaluated("llm_only", "LLM-Only", run_llm_only))
     elif name == "mlp_llm":
-      def run_mlp_llm():
-        p_m, t_m = train_variant("stage2_mlp_llm", "cf")
+      def run_mlp_llm(trained):
+        p_m, t_m = trained
         ev1 = eval_lib.LLMEvaluator(projectors=projectors_of(t_m), proj_params=p_m,
                                     item_table=t_m, **common)
         r = ev1.evaluate(es, user_rep, desc="eval MLP-LLM")
         return r, eval_lib.llm_metrics(r, bp)
-      metrics.update(evaluated("mlp_llm", "MLP-LLM", run_mlp_llm))
+      metrics.update(evaluated("mlp_llm", "MLP-LLM", run_mlp_llm,
+                               prepare=lambda: train_variant("stage2_mlp_llm", "cf")))
     else:
       raise ValueError(f"config.eval.baselines: unknown baseline {name!r}; known: "
                        "cf, llm_only, mlp_llm")
