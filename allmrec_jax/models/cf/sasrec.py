@@ -7,7 +7,8 @@
   h = LN(x)                               all LayerNorms eps 1e-8
 Scores are h_t . E_i. Parameters are xavier-normal (weights, tables; padding rows zeroed);
 1-D parameters keep the torch defaults (LN ones/zeros, attention biases zero, FFN biases
-uniform), as pmixer's `xavier_normal_` try/except loop leaves them.
+uniform), as pmixer's `xavier_normal_` try/except loop leaves them. Dropout masks come from
+16-bit draws (`layers/dropout.py`: same rates, half the random bits of `nn.Dropout`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from allmrec_jax import common_types as ct
+from allmrec_jax.layers import dropout as dropout_lib
 from allmrec_jax.models.cf import common
 
 Array = ct.Array
@@ -49,7 +51,7 @@ class CausalSelfAttention(nn.Module):
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))
     logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1)
-    weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+    weights = dropout_lib.Dropout(self.dropout)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
     return common.dense(d, d, ct.HEADS, ct.EMBED, name="out_proj",
                         bias_init=nn.initializers.zeros)(out)
@@ -63,10 +65,10 @@ class PointWiseFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     y = common.dense(self.dim, self.dim, ct.EMBED, ct.MLP, name="conv1")(x)
-    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     y = nn.relu(y)
     y = common.dense(self.dim, self.dim, ct.MLP, ct.EMBED, name="conv2")(y)
-    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = dropout_lib.Dropout(self.dropout)(y, deterministic=deterministic)
     return y + x
 
 
@@ -79,7 +81,7 @@ class SASRec(common.CFSurface):
     self.pos_emb = nn.Embed(c.maxlen + 1, c.hidden_dim, name="pos_emb",
                             embedding_init=common.logical(common.padded_table_init(),
                                                           (None, ct.EMBED)))
-    self.emb_dropout = nn.Dropout(c.dropout)
+    self.emb_dropout = dropout_lib.Dropout(c.dropout)
     self.attention_layernorms = [common.layer_norm(name=f"attn_ln_{i}") for i in range(c.num_blocks)]
     self.attention_layers = [CausalSelfAttention(c.hidden_dim, c.num_heads, c.dropout,
                                                  name=f"attn_{i}") for i in range(c.num_blocks)]

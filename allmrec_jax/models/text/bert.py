@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allmrec_jax import common_types as ct
+from allmrec_jax.layers import dropout as dropout_lib
 
 _POOLINGS = ("mean", "cls")
 
@@ -124,16 +125,16 @@ class BertLayer(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(
         jnp.float32(hd))
     probs = jax.nn.softmax(logits + bias, axis=-1).astype(x.dtype)
-    probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+    probs = dropout_lib.Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t_len, width)
     attn = _dense(width, (ct.HEADS, ct.EMBED), cfg, "attention_output")(ctx)
-    attn = nn.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
+    attn = dropout_lib.Dropout(cfg.hidden_dropout)(attn, deterministic=deterministic)
     x = _layer_norm(cfg, "attention_ln")(x + attn)
 
     h = _dense(cfg.intermediate_size, (ct.EMBED, ct.MLP), cfg, "intermediate")(x)
     h = jax.nn.gelu(h, approximate=False)
     h = _dense(width, (ct.MLP, ct.EMBED), cfg, "output")(h)
-    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    h = dropout_lib.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return _layer_norm(cfg, "output_ln")(x + h)
 
 
@@ -187,7 +188,7 @@ class BertEncoder(nn.Module):
          + _embed(cfg, "position", cfg.max_position_embeddings, (None, ct.EMBED))(positions)
          + _embed(cfg, "token_type", cfg.type_vocab_size, (None, ct.EMBED))(token_type_ids))
     x = _layer_norm(cfg, "embeddings_ln")(x)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = dropout_lib.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
 
     mask = attention_mask.astype(bool)
