@@ -283,3 +283,20 @@ def test_text_standardize_feeds_standardised_sbert_output(setup, tiny_dataset, t
   want = models.text_ae.apply({"params": res.params["text_ae"]}, q_std,
                               method=models.text_ae.encode)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_packing_rows_buckets():
+  """Buckets: first ~5% above the mean batch (multiple of 4), then +25%, then doubling, up
+  to 2B rows; every batch of 2B texts fits the last one."""
+  mask = np.zeros((1350, 32), np.int32)
+  mask[1:, :6] = 1                                  # mean 6 tokens per text
+  rows = stage1.packing_rows(mask, 60)
+  assert rows == (24, 32, 64, 120)                  # 1.05 * 120 * 6 / 32 = 23.6 -> 24
+  assert all(r % 4 == 0 for r in rows) and list(rows) == sorted(rows)
+  assert stage1.packing_rows(np.ones((3, 8), np.int32), 2) == (4,)   # already 2B
+  # A batch of the longest texts still fits the last bucket.
+  ids = np.arange(1, 1 + 120 * 32, dtype=np.int32).reshape(120, 32)
+  batch = {"pos": np.arange(60), "neg": np.arange(60, 120)}
+  full = np.ones((120, 32), np.int32)
+  packed = stage1.pack_batch_texts(batch, ids, full, rows)["packed_text"]
+  assert packed["input_ids"].shape == (120, 32)
