@@ -1,0 +1,105 @@
+r"""Does a trained stage 2 use its soft tokens? LM loss with the true vs shuffled inputs.
+
+  .venv/bin/python scripts/diagnose_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k
+      [--batches=25] [--name=stage2] [--item_source=joint] [--config.stage2.num_epochs=3 ...]
+
+Restores the finished run in WORKDIR (CF, stage-1 tables, the stage-2 projectors named
+--name, trained on --item_source; pass the run's own --config.* overrides so the finished
+checkpoint is recognised), builds --batches batches of training prompts with fresh
+candidates (epoch 1000), and prints the mean target-title loss (the training loss, per
+token) for:
+  true             the inputs the model was trained with;
+  user_shuffled    each prompt gets another prompt's user representation x_u;
+  items_shuffled   every item's embedding row is swapped for another item's (a fixed
+                   random permutation of the F_I input table): each [HistoryEmb] /
+                   [CandidateEmb] slot carries a wrong item's collaborative knowledge.
+If the model chose its answer from the collaborative signal, the shuffled losses would be
+clearly higher than the true one. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
+from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "a finished run's workdir", required=True)
+config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
+flags.DEFINE_string("name", "stage2", "stage-2 run to restore (stage2 | stage2_mlp_llm)")
+flags.DEFINE_string("item_source", "joint", "F_I input it was trained on (joint | cf | text)")
+flags.DEFINE_integer("batches", 25, "batches of training prompts to average over")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if config is None:
+    raise SystemExit("--config is required (the run's config file)")
+  workdir = pathlib.Path(FLAGS.workdir)
+  if not (workdir / FLAGS.name).is_dir():
+    raise SystemExit(f"--workdir={workdir}: no finished {FLAGS.name}/ run there")
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  cf_vars = {"params": cf_params}
+  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  table = pipeline.item_table_for(FLAGS.item_source, tables, config.seed)
+  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
+                                remat=config.llm.remat)
+  llm, llm_params = loaded.module, {"params": loaded.params}
+  builder = pipeline.prompt_builder(ds, loaded.tokenizer, config.stage2)
+  rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_vars, seq)
+  params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
+                            builder=builder, user_rep_fn=rep_fn, item_table=table,
+                            name=FLAGS.name)
+  ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
+                                    num_history=config.stage2.num_history)
+  user_rep = rep_fn(ex.seq)
+  index = pipelines.train_exclusion_index(ds)
+  proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1],
+                                         loaded.config.hidden_size)
+  loss_fn = jax.jit(lambda p, t, b: stage2_lib.lm_loss(p, llm_params, t, b, llm=llm,
+                                                       projectors=proj)[0])
+  perm = np.random.default_rng(0).permutation(table.shape[0] - 1) + 1
+  shuffled_table = table.copy()
+  shuffled_table[1:] = table[perm]
+  it = stage2_lib.iterate_batches(ex, user_rep, builder, ds, index,
+                                  batch_size=config.stage2.batch_size,
+                                  num_candidates=config.stage2.num_candidates,
+                                  seed=config.seed, epoch=1000)
+  losses = {"true": [], "user_shuffled": [], "items_shuffled": []}
+  for _, (_, arrays) in zip(range(FLAGS.batches), it):
+    b = {k: jax.numpy.asarray(v) for k, v in arrays.items()}
+    losses["true"].append(float(loss_fn(params, table, b)))
+    rolled = {**b, "user_rep": jax.numpy.roll(b["user_rep"], 1, axis=0)}
+    losses["user_shuffled"].append(float(loss_fn(params, table, rolled)))
+    losses["items_shuffled"].append(float(loss_fn(params, shuffled_table, b)))
+  out = {k: float(np.mean(v)) for k, v in losses.items()}
+  out.update({f"{k}_sem": float(np.std(v) / np.sqrt(len(v))) for k, v in losses.items()})
+  diffs = {k: np.asarray(losses[k]) - np.asarray(losses["true"])
+           for k in ("user_shuffled", "items_shuffled")}
+  out.update({f"{k}_minus_true": float(d.mean()) for k, d in diffs.items()})
+  out.update({f"{k}_minus_true_sem": float(d.std() / np.sqrt(len(d))) for k, d in diffs.items()})
+  out.update({"workdir": str(workdir), "name": FLAGS.name, "batches": FLAGS.batches})
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)
