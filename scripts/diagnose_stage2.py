@@ -1,11 +1,11 @@
 r"""Does a trained stage 2 use its soft tokens? LM loss with the true vs shuffled inputs.
 
   .venv/bin/python scripts/diagnose_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k
-      [--batches=25] [--name=stage2] [--item_source=joint] [--config.stage2.num_epochs=3 ...]
+      [--batches=25] [--name=stage2|stage2_mlp_llm] [--config.stage2.num_epochs=3 ...]
 
 Restores the finished run in WORKDIR (CF, stage-1 tables, the stage-2 projectors named
---name, trained on --item_source; pass the run's own --config.* overrides so the finished
-checkpoint is recognised), builds --batches batches of training prompts with fresh
+--name: A-LLMRec on config.stage2.item_source, or MLP-LLM on the CF table; pass the run's
+own --config.* overrides: an unfinished checkpoint is an error, never trained further), builds --batches batches of training prompts with fresh
 candidates (epoch 1000), and prints the mean target-title loss (the training loss, per
 token) for:
   true             the inputs the model was trained with;
@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +45,6 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a finished run's workdir", required=True)
 config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
 flags.DEFINE_string("name", "stage2", "stage-2 run to restore (stage2 | stage2_mlp_llm)")
-flags.DEFINE_string("item_source", "joint", "F_I input it was trained on (joint | cf | text)")
 flags.DEFINE_integer("batches", 25, "batches of training prompts to average over")
 
 
@@ -54,13 +54,14 @@ def main(argv):
   if config is None:
     raise SystemExit("--config is required (the run's config file)")
   workdir = pathlib.Path(FLAGS.workdir)
-  if not (workdir / FLAGS.name).is_dir():
-    raise SystemExit(f"--workdir={workdir}: no finished {FLAGS.name}/ run there")
+  if not (workdir / FLAGS.name / "ckpt").is_dir():
+    raise SystemExit(f"--workdir={workdir}: no {FLAGS.name}/ckpt there")
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
   cf_vars = {"params": cf_params}
   tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = pipeline.item_table_for(FLAGS.item_source, tables, config.seed)
+  source = "cf" if FLAGS.name == "stage2_mlp_llm" else config.stage2.item_source
+  table = pipeline.item_table_for(source, tables, config.seed)
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat)
   llm, llm_params = loaded.module, {"params": loaded.params}
@@ -68,7 +69,7 @@ def main(argv):
   rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_vars, seq)
   params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
                             builder=builder, user_rep_fn=rep_fn, item_table=table,
-                            name=FLAGS.name)
+                            name=FLAGS.name, restore_only=True)
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
                                     num_history=config.stage2.num_history)
   user_rep = rep_fn(ex.seq)
@@ -86,9 +87,9 @@ def main(argv):
                                   seed=config.seed, epoch=1000)
   losses = {"true": [], "user_shuffled": [], "items_shuffled": []}
   for _, (_, arrays) in zip(range(FLAGS.batches), it):
-    b = {k: jax.numpy.asarray(v) for k, v in arrays.items()}
+    b = {k: jnp.asarray(v) for k, v in arrays.items()}
     losses["true"].append(float(loss_fn(params, table, b)))
-    rolled = {**b, "user_rep": jax.numpy.roll(b["user_rep"], 1, axis=0)}
+    rolled = {**b, "user_rep": jnp.roll(b["user_rep"], 1, axis=0)}
     losses["user_shuffled"].append(float(loss_fn(params, table, rolled)))
     losses["items_shuffled"].append(float(loss_fn(params, shuffled_table, b)))
   out = {k: float(np.mean(v)) for k, v in losses.items()}

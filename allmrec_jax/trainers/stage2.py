@@ -234,8 +234,12 @@ def _jsonl(path: pathlib.Path, row: dict):
 def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm, llm_params,
           builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
           name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
-          use_items: bool = True, users: np.ndarray | None = None) -> PyTree:
+          use_items: bool = True, users: np.ndarray | None = None,
+          restore_only: bool = False) -> PyTree:
   """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params.
+
+  With `restore_only`, a run whose checkpoint has not reached the configured number of
+  steps raises instead of training (for tools that only read a finished run).
 
   Args:
     config: the full config (uses `config.stage2`, `config.data.maxlen`, `config.seed`).
@@ -279,6 +283,9 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   if cfg.max_steps > 0:
     max_steps = min(max_steps, cfg.max_steps)
   step = int(state["step"])
+  if restore_only and step < max_steps:
+    raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
+                     "finished run for this config (pass the run's own --config.* overrides)")
   bar = tqdm.tqdm(total=max_steps, initial=step, desc=name, dynamic_ncols=True)
   t_last, tok_acc = time.perf_counter(), 0.0
   shard = (jax.process_index(), jax.process_count())
