@@ -1,0 +1,167 @@
+r"""Short stage-2 probes: can the frozen LLM learn to use a soft-token signal at all?
+
+  .venv/bin/python scripts/probe_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k_v3 \
+      --user=cf|oracle|none --items=joint|cf|text|random [--steps=100] [--eval_users=80] \
+      [--config.stage2.lr=1e-3 ...]
+
+Reads the finished CF and stage-1 checkpoints of WORKDIR (never writes there), trains fresh
+projectors for --steps steps of the configured stage 2 (in memory, no checkpoint) and ranks
+the 20 stored validation candidates of --eval_users seeded users by likelihood (no
+generation). Prints one JSON line with hit@1 / hit@5 / mrr before and after training.
+
+--user=oracle replaces x_u by the CF item embedding of the example's own target (training
+and evaluation): the answer is then written in the soft tokens, and what is measured is
+whether the LLM can learn to read it from a [UserRep] / [CandidateEmb] match within the
+budget. --user=none keeps the slot's token embedding (the "w/o user" ablation).
+An experiment tool; the README quotes its runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
+from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
+from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "a run's workdir with finished cf/ and stage1/",
+                    required=True)
+config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
+flags.DEFINE_enum("user", "cf", ["cf", "oracle", "none"], "what the [UserRep] slot carries")
+flags.DEFINE_enum("items", "joint", ["joint", "cf", "text", "random", "marker", "popularity"],
+                  "F_I input table (marker: the target's slots get [1, 0], others [0, 1]; "
+                  "popularity: the standardised log training count of each item)")
+flags.DEFINE_integer("steps", 100, "training steps")
+flags.DEFINE_integer("eval_users", 80, "validation users ranked before/after")
+flags.DEFINE_string("split", "valid", "evaluation split")
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if config is None:
+    raise SystemExit("--config is required")
+  t0 = time.time()
+  cfg = config.stage2
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, FLAGS.workdir, ds)
+  cf_vars = {"params": cf_params}
+  with config.unlocked():
+    config.stage2.item_source = ("joint" if FLAGS.items in ("marker", "popularity")
+                                  else FLAGS.items)
+  tables = pipeline.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
+  marker = FLAGS.items == "marker"
+  if marker:   # rows 1..N = "not the target", row N+1 = "the target" (remapped per batch)
+    n_rows = tables["cf"].shape[0]
+    table = np.zeros((n_rows + 1, 2), np.float32)
+    table[:n_rows, 1] = 1.0
+    table[n_rows, 0] = 1.0
+  elif FLAGS.items == "popularity":
+    starts, ends = ds.train_bounds()
+    counts = np.bincount(np.concatenate([ds.seq_items[s:e] for s, e in zip(starts, ends)]),
+                         minlength=tables["cf"].shape[0]).astype(np.float64)
+    logc = np.log1p(counts[1:])
+    table = np.zeros((tables["cf"].shape[0], 1), np.float32)
+    table[1:, 0] = (logc - logc.mean()) / logc.std()
+  else:
+    table = pipeline.item_table_for(FLAGS.items, tables, config.seed)
+  cf_table = tables["cf"]
+  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
+                                remat=config.llm.remat)
+  llm, llm_params = loaded.module, {"params": loaded.params}
+  builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
+
+  ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
+                                    num_history=cfg.num_history,
+                                    positions_per_user=cfg.positions_per_user)
+  if FLAGS.user == "oracle":
+    user_rep = cf_table[ex.targets]
+  else:
+    user_rep = stage2_lib.user_representations(cf_model, cf_vars, ex.seq)
+  use_user = FLAGS.user != "none"
+  proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1],
+                                         loaded.config.hidden_size)
+  trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
+                                     item_table=table,
+                                     optimizer=stage2_lib.make_optimizer(cfg),
+                                     use_user=use_user)
+  params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed), table.shape[1],
+                                       user_rep.shape[1])
+  state = trainer.init_state(params0)
+
+  es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
+                              num_history=cfg.num_history, max_users=FLAGS.eval_users,
+                              seed=config.data.candidate_seed)
+  es_rep = (cf_table[es.targets] if FLAGS.user == "oracle"
+            else stage2_lib.user_representations(cf_model, cf_vars, es.seq))
+
+  def mark(arrays, targets):
+    if marker:
+      hit = arrays["item_ids"] == np.asarray(targets)[:, None]
+      arrays["item_ids"] = np.where(hit, table.shape[0] - 1, arrays["item_ids"]).astype(
+          arrays["item_ids"].dtype)
+    return arrays
+
+  class Evaluator(eval_lib.LLMEvaluator):
+    def _batch(self, es_, user_rep_, task):
+      pb = self.builder.build(es_.history, es_.prompt_candidates, None, soft=True,
+                              padding="left", task=task).arrays()
+      pb["user_rep"] = user_rep_.astype(np.float32)
+      return {k: jax.numpy.asarray(v) for k, v in mark(pb, es_.targets).items()}
+
+  def rank(params):
+    ev = Evaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer,
+                               builder=builder, titles=ds.titles, projectors=proj,
+                               proj_params=params, item_table=table, use_user=use_user,
+                               batch_size=config.eval.batch_size)
+    res = ev.evaluate(es, es_rep, generate=False, desc="rank")
+    m = eval_lib.ranking_metrics(res["scores"], "")
+    return {k: round(m[k], 4) for k in ("hit@1", "hit@5", "mrr")}
+
+  out = {"user": FLAGS.user, "items": FLAGS.items, "steps": FLAGS.steps, "lr": cfg.lr,
+         "eval_users": len(es.users), "split": FLAGS.split, "workdir": FLAGS.workdir,
+         "before": rank(params0)}
+  index = pipelines.train_exclusion_index(ds)
+  losses, step, epoch = [], 0, 0
+  while step < FLAGS.steps:
+    order = stage2_lib.epoch_order(len(ex.users), config.seed, epoch)
+    for j, arrays in stage2_lib.iterate_batches(ex, user_rep, builder, ds, index,
+                                                batch_size=cfg.batch_size,
+                                                num_candidates=cfg.num_candidates,
+                                                seed=config.seed, epoch=epoch):
+      sel = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+      state, metrics = trainer.step(state, mark(arrays, ex.targets[sel]))
+      losses.append(float(metrics["train/loss"]))
+      step += 1
+      if step % 20 == 0:
+        print(f"step {step} loss(last 20) {np.mean(losses[-20:]):.4f}", flush=True)
+      if step >= FLAGS.steps:
+        break
+    epoch += 1
+  out["loss_first20"] = round(float(np.mean(losses[:20])), 4)
+  out["loss_last20"] = round(float(np.mean(losses[-20:])), 4)
+  out["after"] = rank(jax.device_get(state["params"]))
+  out["seconds"] = round(time.time() - t0, 1)
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
