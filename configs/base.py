@@ -115,6 +115,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.max_steps = 0          # stop after this many steps (0 = num_epochs epochs)
   c.stage2.max_title_tokens = 32  # titles are cut to this many tokens (counted)
   c.stage2.len_bucket = 32        # prompt lengths are padded to a multiple of this
+  c.stage2.bos = "auto"           # BOS before [U]: auto (as the tokenizer: OPT yes) | always | never
   c.stage2.log_every = 10         # steps between metric lines
   c.stage2.ckpt_every = 100       # steps between checkpoints (and at every epoch end)
   c.stage2.item_source = "joint"  # F_I input: joint (paper) | text (A-LLMRec SBERT) | cf (MLP-LLM) | random

@@ -122,7 +122,8 @@ class PromptBuilder:
     titles: item titles, index = item id (titles[0] unused).
     domain: "movies" | "games" | "items".
     max_title_tokens: titles longer than this are cut (counted in `num_truncated_titles`).
-    add_bos: prepend the tokenizer's BOS to the text (True for OPT, whose tokenizer does).
+    add_bos: start every prompt with the tokenizer's BOS, before [U] (as OPT's tokenizer
+      does to the paper's prompt string: </s>[UserRep] is a user representation...).
     eos_id: appended after the target title.
     slot_id: token id placed at soft slots (overwritten by embeddings on device).
     pad_id: padding id.
@@ -141,8 +142,10 @@ class PromptBuilder:
 
     bos = [int(tokenizer.bos_token_id)] if add_bos else []
     t = self.template
+    self._has_bos = bool(bos)
     static = {
-        "user": bos + enc(t.user + t.history),   # after [U]
+        "bos": bos,                               # before [U]
+        "user": enc(t.user + t.history),         # after [U]
         "plain": bos + enc(t.history.lstrip()),  # LLM-only prompt start (no [U])
         "middle": enc(t.middle),
         "end": enc(t.end),
@@ -225,6 +228,8 @@ class PromptBuilder:
       kinds.append(np.broadcast_to(as2d(kind), off.shape))
 
     if soft:
+      if self._has_bos:
+        add(*self._static["bos"], SLOT_TEXT)
       add(self._slot, 1, SLOT_USER)
       add(*self._static["user"], SLOT_TEXT)
     else:

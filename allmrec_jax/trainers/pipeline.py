@@ -39,10 +39,20 @@ def save_config(config, workdir: pathlib.Path):
 
 
 def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
-  """The dataset's PromptBuilder for this tokenizer (BOS as the tokenizer itself adds it)."""
+  """The dataset's PromptBuilder for this tokenizer.
+
+  `cfg.bos`: "auto" = a BOS before [U] exactly when the tokenizer itself prepends one (OPT:
+  the paper's </s>[UserRep]...; SmolLM2: none, so [U] is position 0); "always" / "never".
+  """
   probe = tokenizer("a")["input_ids"]
-  add_bos = bool(probe) and tokenizer.bos_token_id is not None and \
-      probe[0] == tokenizer.bos_token_id
+  has_bos = tokenizer.bos_token_id is not None
+  choices = {"auto": has_bos and bool(probe) and probe[0] == tokenizer.bos_token_id,
+             "always": has_bos, "never": False}
+  if cfg.bos not in choices:
+    raise ValueError(f"config.stage2.bos={cfg.bos!r}; expected one of {sorted(choices)}")
+  if cfg.bos == "always" and not has_bos:
+    raise ValueError("config.stage2.bos='always' but the tokenizer has no bos_token")
+  add_bos = choices[cfg.bos]
   builder = prompts_lib.PromptBuilder(
       tokenizer, ds.titles, ds.domain, max_title_tokens=cfg.max_title_tokens,
       add_bos=add_bos, eos_id=tokenizer.eos_token_id,

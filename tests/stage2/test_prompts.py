@@ -1,7 +1,9 @@
 """Prompt assembly vs a plain string construction of the same prompt."""
 
 import copy
+import types
 
+import ml_collections
 import numpy as np
 import pytest
 import transformers
@@ -48,15 +50,19 @@ def test_soft_prompt_matches_plain_string(tokenizer, domain, add_bos):
       ref, h_id, c_id = _reference_ids(tokenizer, text, add_bos)
       tgt = tokenizer(prompts.quoted(TITLES[targets[b]]), add_special_tokens=False)["input_ids"]
       tgt = tgt + [tokenizer.eos_token_id]
-      full = [slot] + ref + tgt        # [U] slot first, then prompt, then target + EOS
+      # BOS (if any), the [U] slot, the prompt, then target + EOS: what the tokenizer
+      # gives for "[UserRep]" + text with [UserRep] a special token.
+      nb = int(add_bos)
+      full = ref[:nb] + [slot] + ref[nb:] + tgt
+      ref = ref[nb:]
       row = batch.input_ids[b][batch.attention_mask[b] == 1]
       expect = np.array(full)
-      expect[1:1 + len(ref)][np.isin(ref, [h_id, c_id])] = slot
+      expect[nb + 1:nb + 1 + len(ref)][np.isin(ref, [h_id, c_id])] = slot
       np.testing.assert_array_equal(row, expect)
       offset = np.nonzero(batch.attention_mask[b])[0][0]
-      assert batch.user_pos[b] == offset
+      assert batch.user_pos[b] == offset + nb
       # item slots: the positions of the special tokens, in order, with their items
-      slots = offset + 1 + np.nonzero(np.isin(ref, [h_id, c_id]))[0]
+      slots = offset + nb + 1 + np.nonzero(np.isin(ref, [h_id, c_id]))[0]
       items = np.concatenate([history[b][history[b] > 0], cands[b]])
       used = batch.item_ids[b] > 0
       np.testing.assert_array_equal(batch.item_pos[b][used], slots)
@@ -91,3 +97,23 @@ def test_unknown_domain():
 
 def test_normalize_title():
   assert prompts.normalize_title(' "Toy  Story" ') == "toy story"
+
+
+def test_prompt_builder_bos_option(tokenizer):
+  """config.stage2.bos: SmolLM2's tokenizer adds no BOS, so "auto" puts [U] at position 0;
+  "always" puts the BOS there and [U] after it; an unknown value names the flag."""
+  from allmrec_jax.trainers import pipeline  # pylint: disable=import-outside-toplevel
+  ds = types.SimpleNamespace(titles=TITLES, domain="movies")
+  cfg = ml_collections.ConfigDict({"max_title_tokens": 32, "len_bucket": 8, "bos": "auto"})
+  rows = {}
+  for bos in ("auto", "never", "always"):
+    cfg.bos = bos
+    batch = pipeline.prompt_builder(ds, tokenizer, cfg).build(
+        np.array([[1, 2]]), np.array([[3, 4]]), None, padding="right")
+    rows[bos] = (int(batch.user_pos[0]), batch.input_ids[0][batch.attention_mask[0] == 1])
+  assert rows["auto"][0] == 0 and rows["never"][0] == 0 and rows["always"][0] == 1
+  assert rows["always"][1][0] == tokenizer.bos_token_id
+  np.testing.assert_array_equal(rows["always"][1][1:], rows["auto"][1])
+  cfg.bos = "sometimes"
+  with pytest.raises(ValueError, match="config.stage2.bos"):
+    pipeline.prompt_builder(ds, tokenizer, cfg)
