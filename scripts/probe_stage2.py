@@ -48,7 +48,7 @@ config_flags.DEFINE_config_file("config", None, "the run's config file", lock_co
 flags.DEFINE_enum("user", "cf", ["cf", "oracle", "none"], "what the [UserRep] slot carries")
 flags.DEFINE_enum("items", "joint", ["joint", "cf", "text", "random", "marker", "popularity"],
                   "F_I input table (marker: the target's slots get [1, 0], others [0, 1]; "
-                  "popularity: the standardised log training count of each item)")
+                  "popularity: [z, 1], z = the standardised log training count)")
 flags.DEFINE_integer("steps", 100, "training steps")
 flags.DEFINE_integer("eval_users", 80, "validation users ranked before/after")
 flags.DEFINE_string("split", "valid", "evaluation split")
@@ -79,8 +79,10 @@ def main(argv):
     counts = np.bincount(np.concatenate([ds.seq_items[s:e] for s, e in zip(starts, ends)]),
                          minlength=tables["cf"].shape[0]).astype(np.float64)
     logc = np.log1p(counts[1:])
-    table = np.zeros((tables["cf"].shape[0], 1), np.float32)
+    # [z, 1]: with a 1-column input the projector's LayerNorm would keep only sign(z).
+    table = np.zeros((tables["cf"].shape[0], 2), np.float32)
     table[1:, 0] = (logc - logc.mean()) / logc.std()
+    table[1:, 1] = 1.0
   else:
     table = pipeline.item_table_for(FLAGS.items, tables, config.seed)
   cf_table = tables["cf"]
