@@ -1,7 +1,7 @@
 r"""Short stage-2 probes: can the frozen LLM learn to use a soft-token signal at all?
 
   .venv/bin/python scripts/probe_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k_v3 \
-      --user=cf|oracle|none --items=joint|cf|text|random [--steps=100] [--eval_users=80] \
+      --user=cf|oracle|none --items=joint|cf|text|random|marker|popularity [--steps=100] [--eval_users=80] \
       [--config.stage2.lr=1e-3 ...]
 
 Reads the finished CF and stage-1 checkpoints of WORKDIR (never writes there), trains fresh
@@ -115,25 +115,25 @@ def main(argv):
   es_rep = (cf_table[es.targets] if FLAGS.user == "oracle"
             else stage2_lib.user_representations(cf_model, cf_vars, es.seq))
 
-  def mark(arrays, targets):
-    if marker:
-      hit = arrays["item_ids"] == np.asarray(targets)[:, None]
-      arrays["item_ids"] = np.where(hit, table.shape[0] - 1, arrays["item_ids"]).astype(
-          arrays["item_ids"].dtype)
-    return arrays
+  def mark(item_ids, targets):
+    """marker: the target's slots point at the last table row; identity otherwise."""
+    if not marker:
+      return item_ids
+    hit = np.asarray(item_ids) == np.asarray(targets)[:, None]
+    return np.where(hit, table.shape[0] - 1, item_ids).astype(np.int32)
 
   class Evaluator(eval_lib.LLMEvaluator):
     def _batch(self, es_, user_rep_, task):
-      pb = self.builder.build(es_.history, es_.prompt_candidates, None, soft=True,
-                              padding="left", task=task).arrays()
-      pb["user_rep"] = user_rep_.astype(np.float32)
-      return {k: jax.numpy.asarray(v) for k, v in mark(pb, es_.targets).items()}
+      batch = super()._batch(es_, user_rep_, task)
+      return {**batch, "item_ids": jax.numpy.asarray(mark(batch["item_ids"], es_.targets))}
+
+  # One evaluator (one set of jitted functions) for both rankings; only the params change.
+  ev = Evaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer, builder=builder,
+                 titles=ds.titles, projectors=proj, proj_params=params0, item_table=table,
+                 use_user=use_user, batch_size=config.eval.batch_size)
 
   def rank(params):
-    ev = Evaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer,
-                               builder=builder, titles=ds.titles, projectors=proj,
-                               proj_params=params, item_table=table, use_user=use_user,
-                               batch_size=config.eval.batch_size)
+    ev.proj_params = params
     res = ev.evaluate(es, es_rep, generate=False, desc="rank")
     m = eval_lib.ranking_metrics(res["scores"], "")
     return {k: round(m[k], 4) for k in ("hit@1", "hit@5", "mrr")}
@@ -150,7 +150,8 @@ def main(argv):
                                                 num_candidates=cfg.num_candidates,
                                                 seed=config.seed, epoch=epoch):
       sel = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-      state, metrics = trainer.step(state, mark(arrays, ex.targets[sel]))
+      arrays["item_ids"] = mark(arrays["item_ids"], ex.targets[sel])
+      state, metrics = trainer.step(state, arrays)
       losses.append(float(metrics["train/loss"]))
       step += 1
       if step % 20 == 0:
