@@ -150,7 +150,7 @@ def main(argv):
     evaluator.evaluate(state["params"], "test")
     eval_t.append(time.perf_counter() - t0)
   out = {"model": FLAGS.model, "steps_per_epoch": spe, "batch_size": bsz,
-         "epoch_s_median": float(np.median(device_t)), "epoch_s_min": float(np.min(device_t)),
+         "epoch_s_median": float(np.median(device_t)), "epoch_s_min": float(np.min(device_t)), "epoch_s_all": [round(t, 3) for t in device_t],
          "epoch_with_sampling_s_median": float(np.median(total_t)),
          "sampling_s_median": float(np.median(sample_t)),
          "eval_test_all_protocols_s_median": float(np.median(eval_t)),

@@ -1,4 +1,4 @@
-"""layers/dropout.py: 16-bit-draw dropout has nn.Dropout's contract and statistics."""
+"""layers/dropout.py: b-bit-field dropout has nn.Dropout's contract and statistics."""
 
 from __future__ import annotations
 
@@ -13,16 +13,17 @@ from allmrec_jax.layers import dropout as dropout_lib
 
 @pytest.mark.parametrize("rate", [0.1, 0.25, 0.5, 0.9])
 def test_keep_fraction_and_scale(rate):
-  """Kept fraction within 5 sigma of 1 - round(rate*2^16)/2^16; kept values scaled 1/(1-rate)."""
+  """Kept fraction within 5 sigma of 1 - round(rate*2^b)/2^b; kept values scaled 1/(1-rate)."""
   x = jnp.ones((257, 1001))           # odd element count: the last 32-bit word is half used
   y = np.asarray(dropout_lib.Dropout(rate).apply({}, x, deterministic=False,
                                                  rngs={"dropout": jax.random.key(0)}))
   kept = y != 0
-  keep = 1.0 - round(rate * 65536) / 65536
+  b = dropout_lib.field_bits(rate)
+  keep = 1.0 - round(rate * 2 ** b) / 2 ** b
   n = x.size
   assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
   np.testing.assert_allclose(y[kept], 1.0 / (1.0 - rate), rtol=1e-6)
-  # The two 16-bit halves of a word are not copies of each other: rows differ.
+  # The fields of one word are not copies of each other: rows differ.
   assert not np.array_equal(kept[:128], kept[128:256])
 
 
@@ -60,3 +61,21 @@ def test_gradient_matches_mask():
                                                  rngs={"dropout": jax.random.key(7)}))
   np.testing.assert_allclose(g, (y != 0) / 0.75, rtol=1e-6)
   assert isinstance(dropout_lib.Dropout(0.1), nn.Module)
+
+
+def test_field_bits_exact_for_dyadic_rates():
+  """Dyadic rates get the fewest exact bits (0.5 -> 1 bit); others 16 bits, as before."""
+  assert [dropout_lib.field_bits(r) for r in (0.5, 0.25, 0.75, 0.125, 0.1, 0.3, 0.9)] == [
+      1, 2, 2, 4, 16, 16, 16]
+  # Rate 0.5 draws one 32-bit word per 32 elements, and each element's bit is used once:
+  # the mask equals the bits of those words laid out field-major.
+  key, n = jax.random.key(5), 96
+  mask = np.asarray(dropout_lib.keep_mask(key, 0.5, (n,)))
+  words = np.asarray(jax.random.bits(key, (n // 32,), jnp.uint32))
+  bits = (words[None, :] >> np.arange(32, dtype=np.uint32)[:, None]) & 1
+  np.testing.assert_array_equal(mask, bits.reshape(-1) == 1)
+  # 16-bit rates: the two halves of each word, low halves first (the mask of earlier runs).
+  mask = np.asarray(dropout_lib.keep_mask(key, 0.1, (7,)))
+  words = np.asarray(jax.random.bits(key, (4,), jnp.uint32))
+  halves = np.concatenate([words & 0xFFFF, words >> 16])[:7]
+  np.testing.assert_array_equal(mask, halves >= round(0.1 * 65536))

@@ -8,7 +8,7 @@
 Scores are h_t . E_i. Parameters are xavier-normal (weights, tables; padding rows zeroed);
 1-D parameters keep the torch defaults (LN ones/zeros, attention biases zero, FFN biases
 uniform), as pmixer's `xavier_normal_` try/except loop leaves them. Dropout masks come from
-16-bit draws (`layers/dropout.py`: same rates, half the random bits of `nn.Dropout`).
+b-bit mask fields (`layers/dropout.py`: same rates; rate 0.5 costs one random bit per element).
 """
 
 from __future__ import annotations
@@ -40,19 +40,25 @@ class CausalSelfAttention(nn.Module):
     w_in = self.param("in_proj_kernel", common.logical(common.xavier_normal, (ct.EMBED, ct.HEADS)),
                       (d, 3 * d))
     b_in = self.param("in_proj_bias", common.logical(nn.initializers.zeros, (ct.HEADS,)), (3 * d,))
-    wq, wk, wv = jnp.split(w_in, 3, axis=1)
-    bq, bk, bv = jnp.split(b_in, 3)
     b, l, _ = q_in.shape
     hd = d // h
-    q = (q_in @ wq + bq).reshape(b, l, h, hd)
-    k = (kv_in @ wk + bk).reshape(b, l, h, hd)
-    v = (kv_in @ wv + bv).reshape(b, l, h, hd)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(q.dtype)
+    q = q_in @ w_in[:, :d] + b_in[:d]
+    kv = kv_in @ w_in[:, d:] + b_in[d:]        # keys and values in one matmul
+    k, v = kv[..., :d], kv[..., d:]
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+    scale = jnp.asarray(1.0 / hd ** 0.5, q.dtype)
+    if h == 1:                                  # SASRec's default: no head axis to move
+      logits = jnp.einsum("bqd,bkd->bqk", q, k) * scale
+    else:
+      q, k, v = (t.reshape(b, l, h, hd) for t in (q, k, v))
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1)
     weights = dropout_lib.Dropout(self.dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
+    if h == 1:
+      out = jnp.einsum("bqk,bkd->bqd", weights, v)
+    else:
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
     return common.dense(d, d, ct.HEADS, ct.EMBED, name="out_proj",
                         bias_init=nn.initializers.zeros)(out)
 
