@@ -74,7 +74,9 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
   trainable = stage1.init_trainable(models, jax.random.key(0), sb.params, freeze)
   trainable = jax.tree.map(jnp.array, trainable)   # own copies (the step donates them)
   tx = stage1.make_optimizer(cfg)
-  opt_state = tx.init(trainable)
+  vocab = (stage1.compact_vocab(ids, sb.module)
+           if cfg.compact_vocab and not freeze else None)
+  opt_state = stage1.init_opt_state(tx, trainable, vocab)
   frozen = {"cf": cf_vars, "item_table": table}
   t_pre = 0.0
   if freeze:
@@ -84,7 +86,7 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
     t_pre = time.perf_counter() - t
   else:
     frozen["text_ids"], frozen["text_mask"] = jnp.asarray(ids), jnp.asarray(mask)
-  step = stage1.make_train_step(models, cf_model, cfg, tx)
+  step = stage1.make_train_step(models, cf_model, cfg, tx, vocab=vocab)
   data = pipelines.stage1_dataset(ds, batch_size=cfg.batch_size, maxlen=cfg.maxlen, seed=0,
                                   num_epochs=100, drop_remainder=True)
   rows = stage1.packing_rows(mask, cfg.batch_size) if (cfg.pack_texts and not freeze) else None
@@ -106,7 +108,9 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
   return {"mode": "frozen" if freeze else "finetune", "step_s_median": med,
           "step_s_min": min(times), "users_per_s": cfg.batch_size / med,
           "item_texts_per_s": 2 * cfg.batch_size / med, "text_tokens": int(ids.shape[1]),
-          "precompute_sbert_s": t_pre, "packed_rows": rows, "loss_first_last": [losses[0], losses[-1]],
+          "precompute_sbert_s": t_pre, "packed_rows": rows,
+          "compact_vocab_rows": None if vocab is None else int(vocab.rows.shape[0]),
+          "matmul_dtype": sb.module.config.matmul_dtype or sb.module.config.dtype, "loss_first_last": [losses[0], losses[-1]],
           "machine_load": load.report}
 
 
@@ -134,11 +138,17 @@ def main():
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--data-dir", default="~/.cache/allmrec_jax/recbole-1.2.1")
   ap.add_argument("--skip-peer", action="store_true")
+  ap.add_argument("--matmul-dtype", default="",
+                  help="config.sbert.matmul_dtype ('' = float32; 'bfloat16' = mixed precision)")
+  ap.add_argument("--dense-vocab", action="store_true",
+                  help="config.stage1.compact_vocab=False (dense word-embedding Adam)")
+  ap.add_argument("--skip-frozen", action="store_true")
   ap.add_argument("--out", default=None, help="also append the JSON line to this file")
   args = ap.parse_args()
 
   config = ml100k.get_config()
   config.stage1.batch_size = args.batch_size
+  config.stage1.compact_vocab = not args.dense_vocab
   ds = prepare.prepare_dataset(config.data)
   cf = dict(config.cf)
   cf["maxlen"] = config.data.maxlen
@@ -146,20 +156,22 @@ def main():
   seq = jnp.ones((1, config.data.maxlen), jnp.int32)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   cf_vars = nn.unbox(cf_model.init(jax.random.key(0), seq, seq, seq))
-  sb = sbert_lib.load_sbert(None)
+  sb = sbert_lib.load_sbert(None, matmul_dtype=args.matmul_dtype)
 
   result = {"bench": "stage1", "batch_size": args.batch_size, "device": str(jax.devices()[0]),
             "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
   result["jax_finetune"] = bench_jax(False, ds, config, sb, cf_model, cf_vars, args.warmup,
                                      args.iters)
-  result["jax_frozen"] = bench_jax(True, ds, config, sb, cf_model, cf_vars, args.warmup,
-                                   args.frozen_iters)
+  if not args.skip_frozen:
+    result["jax_frozen"] = bench_jax(True, ds, config, sb, cf_model, cf_vars, args.warmup,
+                                     args.frozen_iters)
   if not args.skip_peer:
     result["torch_peer"] = bench_peer(args)
     if "users_per_s" in result["torch_peer"]:
       p = result["torch_peer"]["users_per_s"]
       result["speedup_finetune"] = result["jax_finetune"]["users_per_s"] / p
-      result["speedup_frozen"] = result["jax_frozen"]["users_per_s"] / p
+      if "jax_frozen" in result:
+        result["speedup_frozen"] = result["jax_frozen"]["users_per_s"] / p
   line = json.dumps(result)
   print(line)
   if args.out:

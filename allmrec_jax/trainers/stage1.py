@@ -78,6 +78,7 @@ class Stage1Config:
   eval_batch_size: int = 256
   cold_fraction: float = 0.35
   pack_texts: bool = True
+  compact_vocab: bool = True
   text_standardize: bool = False
   maxlen: int = 50          # config.data.maxlen (CF input length)
   text_max_len: int = 64    # config.sbert.max_len
@@ -151,6 +152,62 @@ def init_trainable(models: Stage1Models, rng: Array, sbert_params: PyTree,
 def make_optimizer(cfg: Stage1Config) -> optax.GradientTransformation:
   """Adam(lr, (b1, b2), eps=1e-8) as torch.optim.Adam."""
   return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=1e-8)
+
+
+_WORD = ("sbert", "word", "embedding")
+
+
+class CompactVocab(NamedTuple):
+  """The SBERT vocabulary rows the item texts use (`stage1.compact_vocab`).
+
+  Only these rows of the word-embedding table ever get a gradient, so Adam over them alone
+  is Adam over the whole table: the other rows keep m = v = 0 and an update of exactly 0.
+  The train step gathers these rows, differentiates and updates them as a [U, t] leaf
+  (Adam state [U, t]) and scatters them back, instead of materialising and updating a dense
+  [vocab, t] gradient every step (30522 x 384 for MiniLM).
+  """
+  rows: Array      # int32[U] sorted vocabulary ids
+  remap: Array     # int32[vocab]: id -> index in `rows` (0 for ids no item text uses)
+  module: bert.BertEncoder   # the SBERT with vocab_size = U
+
+
+def compact_vocab(text_ids: np.ndarray, module: bert.BertEncoder) -> CompactVocab:
+  """CompactVocab of the token table `text_ids` (every id any item text or pad uses)."""
+  rows = np.unique(np.concatenate([np.asarray(text_ids).reshape(-1), [0]])).astype(np.int32)
+  vocab = module.config.vocab_size
+  if rows[-1] >= vocab:
+    raise ValueError(f"stage1: token id {int(rows[-1])} >= the SBERT vocab_size {vocab}")
+  remap = np.zeros(vocab, np.int32)
+  remap[rows] = np.arange(rows.size, dtype=np.int32)
+  small = bert.BertEncoder(dataclasses.replace(module.config, vocab_size=int(rows.size)))
+  return CompactVocab(jnp.asarray(rows), jnp.asarray(remap), small)
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _with(tree, path, value):
+  """A copy of nested dict `tree` with tree[path] = value."""
+  out = dict(tree)
+  out[path[0]] = value if len(path) == 1 else _with(tree[path[0]], path[1:], value)
+  return out
+
+
+def to_compact(trainable: PyTree, vocab: CompactVocab | None) -> PyTree:
+  """The trainable tree with the word-embedding table cut to `vocab.rows` (unchanged when
+  vocab is None or SBERT is frozen)."""
+  if vocab is None or "sbert" not in trainable:
+    return trainable
+  return _with(trainable, _WORD, _get(trainable, _WORD)[vocab.rows])
+
+
+def init_opt_state(tx: optax.GradientTransformation, trainable: PyTree,
+                   vocab: CompactVocab | None = None) -> PyTree:
+  """tx.init over the tree the step differentiates (compact word rows with `vocab`)."""
+  return tx.init(to_compact(trainable, vocab))
 
 
 def packing_rows(text_mask: np.ndarray, batch_size: int, slack: float = 1.05
@@ -277,7 +334,7 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
   elif "packed_text" in batch:   # pos then neg texts, several per row (see pack_batch_texts)
     pk = batch["packed_text"]
     q_in, _ = models.sbert.apply(
-        {"params": trainable["sbert"]}, pk["input_ids"], pk["attention_mask"],
+        {"params": trainable["sbert"]}, _ids(frozen, pk["input_ids"]), pk["attention_mask"],
         deterministic=not cfg.sbert_dropout, rngs={"dropout": rng},
         positions=pk["positions"], segment_ids=pk["segment_ids"],
         text_index=pk["text_index"], num_texts=2 * pos.shape[0])
@@ -285,7 +342,8 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
   else:
     items = jnp.concatenate([pos, neg])
     q_in, _ = models.sbert.apply(
-        {"params": trainable["sbert"]}, frozen["text_ids"][items], frozen["text_mask"][items],
+        {"params": trainable["sbert"]}, _ids(frozen, frozen["text_ids"][items]),
+        frozen["text_mask"][items],
         deterministic=not cfg.sbert_dropout, rngs={"dropout": rng})
     q_in_p, q_in_n = jnp.split(q_in, 2)
   q_in_p = standardize_text(q_in_p, frozen.get("text_stats"))
@@ -307,17 +365,38 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
   return total, terms
 
 
+def _ids(frozen: dict[str, Any], ids: Array) -> Array:
+  """Token ids in the vocabulary the SBERT parameters have (compact rows under
+  `stage1.compact_vocab`, see CompactVocab)."""
+  return frozen["vocab_remap"][ids] if "vocab_remap" in frozen else ids
+
+
 def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
-                    tx: optax.GradientTransformation, donate: bool = True):
+                    tx: optax.GradientTransformation, donate: bool = True,
+                    vocab: CompactVocab | None = None):
   """Jitted `train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state,
-  metrics)`; gradients and updates exist for `trainable` only."""
+  metrics)`; gradients and updates exist for `trainable` only.
+
+  With `vocab` (SBERT fine-tuned), opt_state comes from `init_opt_state(tx, trainable,
+  vocab)`: the step differentiates and updates only the word-embedding rows the item texts
+  use (same result as dense Adam over the whole table, see CompactVocab).
+  """
+  if vocab is not None:
+    models = models._replace(sbert=vocab.module)
   loss_fn = functools.partial(stage1_loss, models=models, cf_model=cf_model, cfg=cfg)
 
   def train_step(trainable, opt_state, frozen, batch, rng):
+    full = trainable
+    if vocab is not None and "sbert" in trainable:
+      trainable = to_compact(full, vocab)
+      frozen = {**frozen, "vocab_remap": vocab.remap}
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, frozen, batch, rng)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
+    if vocab is not None and "sbert" in trainable:   # scatter the rows back
+      rows = _get(trainable, _WORD)
+      trainable = _with(trainable, _WORD, _get(full, _WORD).at[vocab.rows].set(rows))
     out = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
     out.update({f"train/{k}": v for k, v in terms.items()})
     return trainable, opt_state, out
@@ -473,7 +552,8 @@ def _truncate_jsonl(path: pathlib.Path, last_step: int):
 def _load_sbert(config):
   return sbert_lib.load_sbert(config.sbert.path or None,
                               dtype=config.sbert.get("dtype", "float32"),
-                              normalize=config.sbert.get("normalize", "auto"))
+                              normalize=config.sbert.get("normalize", "auto"),
+                              matmul_dtype=config.sbert.get("matmul_dtype", "") or "")
 
 
 TEXT_STATS_FILE = "text_stats.json"
@@ -535,7 +615,9 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   init_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 1))
   trainable = init_trainable(models, init_rng, sb.params, cfg.freeze_sbert)
   tx = make_optimizer(cfg)
-  opt_state = tx.init(trainable)
+  vocab = (compact_vocab(text_ids, sb.module)
+           if cfg.compact_vocab and not cfg.freeze_sbert else None)
+  opt_state = init_opt_state(tx, trainable, vocab)
   frozen: dict[str, Any] = {"cf": cf_params, "item_table": item_table}  # no grads, no opt
   pretrained_table = None
   if cfg.freeze_sbert:
@@ -562,7 +644,7 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   jsonl = sdir / "metrics.jsonl"
   _truncate_jsonl(jsonl, step)
 
-  train_step = make_train_step(models, cf_model, cfg, tx)
+  train_step = make_train_step(models, cf_model, cfg, tx, vocab=vocab)
   ckpt_every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top

@@ -154,7 +154,8 @@ def resolve_normalize(setting: str | bool | None, from_model: bool) -> bool:
 
 def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
                mesh: jax.sharding.Mesh | None = None, rules=None,
-               normalize: str | bool | None = "auto") -> LoadedSBERT:
+               normalize: str | bool | None = "auto",
+               matmul_dtype: str = "") -> LoadedSBERT:
   """Loads a sentence-transformers BERT model directory.
 
   Args:
@@ -166,6 +167,10 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
       module; "false" = never (the raw pooled embedding, as the paper's nq-distilbert-base-v1
       produces); "true" = always. pooling_info["normalize"] is the value applied and
       pooling_info["normalize_in_model"] what modules.json says.
+    matmul_dtype: "" = matmuls in `dtype`; "bfloat16" with dtype "float32" = the dense
+      layers' matmul operands rounded to bfloat16 with float32 accumulation (everything
+      else, weights and optimizer state included, stays float32); see
+      `layers.linears.low_precision_dot_general`.
 
   Returns:
     LoadedSBERT(module, params, tokenizer, pooling_info) (unpacks as a 4-tuple).
@@ -182,7 +187,7 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
   info["normalize_in_model"] = info["normalize"]
   info["normalize"] = resolve_normalize(normalize, info["normalize"])
   cfg = bert.BertConfig.from_hf(hf, pooling=info["pooling"], normalize=info["normalize"],
-                                dtype=dtype, param_dtype=dtype)
+                                dtype=dtype, param_dtype=dtype, matmul_dtype=matmul_dtype)
   module = bert.BertEncoder(cfg)
 
   ids = jnp.zeros((1, 2), jnp.int32)

@@ -300,3 +300,35 @@ def test_packing_rows_buckets():
   full = np.ones((120, 32), np.int32)
   packed = stage1.pack_batch_texts(batch, ids, full, rows)["packed_text"]
   assert packed["input_ids"].shape == (120, 32)
+
+
+def test_compact_vocab_step_equals_dense_adam(setup):
+  """stage1.compact_vocab: Adam over the used word-embedding rows gives the same trainable
+  tree as dense Adam over the whole table, for packed and unpacked batches; the rows no
+  item text uses never move."""
+  s = setup
+  tx = stage1.make_optimizer(s["cfg"])
+  vocab = stage1.compact_vocab(s["ids"], s["models"].sbert)
+  assert vocab.rows.shape[0] < s["models"].sbert.config.vocab_size
+  rows = stage1.packing_rows(s["mask"], 4)
+  packed = stage1.pack_batch_texts(s["batch"], s["ids"], s["mask"], rows)
+  results = []
+  for v in (None, vocab):
+    trainable = stage1.init_trainable(s["models"], jax.random.key(1), s["sb"].params, False)
+    opt_state = stage1.init_opt_state(tx, trainable, v)
+    step = stage1.make_train_step(s["models"], s["cf_model"], s["cfg"], tx, donate=False,
+                                  vocab=v)
+    for i, b in enumerate((s["batch"], packed, s["batch"])):
+      trainable, opt_state, m = step(trainable, opt_state, s["frozen"], b,
+                                     jax.random.key(i))
+    results.append((jax.tree.map(np.asarray, trainable), float(m["train/grad_norm"])))
+  (dense, gn_dense), (compact, gn_compact) = results
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+               compact, dense)
+  np.testing.assert_allclose(gn_compact, gn_dense, rtol=1e-5)
+  word0 = np.asarray(s["sb"].params["word"]["embedding"])
+  unused = np.setdiff1d(np.arange(word0.shape[0]), np.asarray(vocab.rows))
+  np.testing.assert_array_equal(compact["sbert"]["word"]["embedding"][unused], word0[unused])
+  np.testing.assert_array_equal(dense["sbert"]["word"]["embedding"][unused], word0[unused])
+  used = np.asarray(vocab.rows)
+  assert np.any(compact["sbert"]["word"]["embedding"][used] != word0[used])

@@ -188,3 +188,19 @@ def test_packed_texts_give_the_same_embeddings(loaded, reference):
   np.testing.assert_allclose(out[:len(TITLES)], reference, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(out[len(TITLES)], 0.0)       # empty text
   np.testing.assert_allclose(out[-1], reference[0], atol=1e-5, rtol=0)
+
+
+def test_bf16_matmuls_stay_close_to_sentence_transformers(reference):
+  """sbert.matmul_dtype=bfloat16 (mixed precision): float32 parameters and output, the
+  embeddings within bfloat16 rounding of the float32 reference (cosine > 0.999)."""
+  module, params, tokenizer, _ = sbert.load_sbert(assets.get_asset("all-minilm-l6-v2"),
+                                                  matmul_dtype="bfloat16")
+  assert module.config.matmul_dtype == "bfloat16"
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  ids, mask = sbert.tokenize_texts(tokenizer, TITLES, max_len=48)
+  out, _ = jax.jit(module.apply)({"params": params}, ids, mask)
+  assert out.dtype == jnp.float32
+  out = np.asarray(out)
+  cos = np.sum(out * reference, -1)        # both unit-norm
+  assert cos.min() > 0.999, cos
+  assert np.abs(out - reference).max() > 1e-6     # really computed in lower precision

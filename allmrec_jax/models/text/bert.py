@@ -19,6 +19,7 @@ import numpy as np
 
 from allmrec_jax import common_types as ct
 from allmrec_jax.layers import dropout as dropout_lib
+from allmrec_jax.layers import linears
 
 _POOLINGS = ("mean", "cls")
 
@@ -40,6 +41,8 @@ class BertConfig:
   normalize: bool = False           # L2-normalise the pooled embedding
   dtype: str = "float32"            # computation dtype
   param_dtype: str = "float32"      # parameter dtype
+  matmul_dtype: str = ""            # "" = dtype; "bfloat16": dense-layer matmul operands in
+                                    #   bfloat16, float32 accumulation (linears.py)
 
   def __post_init__(self):
     if self.pooling not in _POOLINGS:
@@ -79,9 +82,11 @@ class BertConfig:
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: BertConfig, name: str) -> nn.Dense:
+  low = cfg.matmul_dtype and jnp.dtype(cfg.matmul_dtype) != jnp.dtype(cfg.dtype)
   return nn.Dense(
       features,
       dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      dot_general=linears.low_precision_dot_general(cfg.matmul_dtype) if low else None,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
       name=name)
