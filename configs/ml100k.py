@@ -8,6 +8,11 @@ the 45-minute budget of the main command; each deviation is named here:
   stage1.num_epochs = 50  (paper 10)    10 epochs are 160 steps on ML-100K and leave the
                           alignment at chance (text->item recall@10 0.0074); 50 epochs
                           (800 steps, ~7 min) reach recall@10 0.80 (README, stage 1)
+  sbert.matmul_dtype = "bfloat16" (paper: float32)  stage 1's SBERT matmuls take bfloat16
+                          operands with float32 accumulation (weights, Adam, LayerNorm,
+                          softmax stay float32): the fine-tuned step is ~1.5x faster on an
+                          AVX512-BF16 CPU and the alignment is the same (text->item
+                          recall@10 0.809 vs 0.808 in float32, README stage 1)
   stage2.num_epochs = 1   (paper 5)     one pass over the 943 users
   stage2.lr = 1e-3        (paper 1e-4)  so one epoch moves the projectors far enough
   eval.max_users = 200    (paper: up to 10,000) a seeded subset, the same for every model
@@ -15,6 +20,7 @@ the 45-minute budget of the main command; each deviation is named here:
                           (~20 more minutes here); add it with
                           --config.eval.baselines=cf,llm_only,mlp_llm
 Use configs/base.py values for a paper-exact run: --config.stage1.num_epochs=10
+--config.sbert.matmul_dtype=""
 --config.stage2.num_epochs=5
 --config.stage2.lr=1e-4 --config.eval.max_users=10000.
 """
@@ -26,6 +32,7 @@ def get_config():
   c = base.get_base_config()
   c.data.dataset = "ml-100k"
   c.stage1.num_epochs = 50        # small dataset: 10 epochs = 160 steps do not align (paper: 10)
+  c.sbert.matmul_dtype = "bfloat16"  # CPU budget: mixed-precision SBERT (paper: float32)
   c.stage2.num_epochs = 1         # CPU budget (paper: 5)
   c.stage2.lr = 1e-3              # CPU budget: one epoch instead of five (paper: 1e-4)
   c.eval.max_users = 200          # CPU budget: seeded subset of the 943 test users
