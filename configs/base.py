@@ -82,6 +82,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.llm.path = ""                 # HF dir or .gguf ("" = embedded SmolLM2-135M-Instruct)
   c.llm.dtype = "float32"         # compute/param dtype (bfloat16 on accelerators)
   c.llm.remat = False             # rematerialise each decoder layer in stage-2 training
+  c.llm.matmul_dtype = ""         # "" = dtype; "bfloat16" = dense/LM-head matmul operands in
+                                  #   bfloat16 with float32 accumulation (weights, norms,
+                                  #   softmax float32). The authors' code runs OPT-6.7B in
+                                  #   float16; "" keeps this port's float32 parity default
 
   # ---------------------------------------------------------------- stage 1
   c.stage1 = ml_collections.ConfigDict()

@@ -87,7 +87,8 @@ def main(argv):
     table = pipeline.item_table_for(FLAGS.items, tables, config.seed)
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
-                                remat=config.llm.remat)
+                                remat=config.llm.remat,
+                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
   builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
 

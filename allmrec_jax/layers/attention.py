@@ -127,13 +127,14 @@ class Attention(nn.Module):
   use_rotary: bool = True
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
+  matmul_dtype: ct.DType | None = None   # see DenseGeneral
 
   @nn.compact
   def __call__(self, x: ct.Array, mask: ct.Array, cos_sin: tuple[ct.Array, ct.Array] | None = None,
                layer_cache: Cache | None = None, end: ct.Array | None = None
                ) -> tuple[ct.Array, Cache | None]:
     """x float[B, T, E], mask bool[B, T, S] -> (float[B, T, E], updated {"k", "v"} or None)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
     e = x.shape[-1]
     q = DenseGeneral((self.num_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
                      use_bias=self.qkv_bias, name="q", **kw)(x)

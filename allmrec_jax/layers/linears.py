@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,10 @@ from allmrec_jax import common_types as ct
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def _is_low(matmul_dtype, dtype) -> bool:
+  return bool(matmul_dtype) and jnp.dtype(matmul_dtype) != jnp.dtype(dtype)
+
+
 class DenseGeneral(nn.Module):
   """y = x . kernel (+ bias), contracting the last `num_contract` axes of x.
 
@@ -23,6 +29,8 @@ class DenseGeneral(nn.Module):
     num_contract: how many trailing input axes are contracted.
     use_bias: add a bias of shape `features`.
     dtype: compute dtype; param_dtype: parameter dtype.
+    matmul_dtype: None = matmul in `dtype`; e.g. bfloat16 = operands rounded to it with
+      float32 accumulation (`low_precision_dense`), the result cast to `dtype`.
   """
   features: Sequence[int]
   kernel_axes: Sequence[str | None]
@@ -31,6 +39,7 @@ class DenseGeneral(nn.Module):
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
   kernel_init: nn.initializers.Initializer = default_kernel_init
+  matmul_dtype: ct.DType | None = None
 
   @nn.compact
   def __call__(self, x: ct.Array) -> ct.Array:
@@ -41,9 +50,16 @@ class DenseGeneral(nn.Module):
                         in_shape + features, self.param_dtype)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    contract_x = tuple(range(x.ndim - self.num_contract, x.ndim))
-    contract_k = tuple(range(self.num_contract))
-    y = lax.dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+    if _is_low(self.matmul_dtype, self.dtype):
+      lead = x.shape[:x.ndim - self.num_contract]
+      y = low_precision_dense(jnp.dtype(self.matmul_dtype))(
+          x.reshape(lead + (math.prod(in_shape),)),
+          kernel.reshape(math.prod(in_shape), math.prod(features)))
+      y = y.reshape(lead + features).astype(self.dtype)
+    else:
+      contract_x = tuple(range(x.ndim - self.num_contract, x.ndim))
+      contract_k = tuple(range(self.num_contract))
+      y = lax.dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
     if self.use_bias:
       bias_axes = tuple(self.kernel_axes)[self.num_contract:]
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
@@ -59,11 +75,13 @@ class Embed(nn.Module):
     num_embeddings: V.
     features: E.
     dtype: compute dtype; param_dtype: parameter dtype.
+    matmul_dtype: operand dtype of the tied-head matmul in `attend` (None = dtype).
   """
   num_embeddings: int
   features: int
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
+  matmul_dtype: ct.DType | None = None
 
   def setup(self):
     self.embedding = self.param(
@@ -76,6 +94,8 @@ class Embed(nn.Module):
 
   def attend(self, x: ct.Array) -> ct.Array:
     """float[..., E] -> float32[..., V] (x . embedding^T, the tied LM head)."""
+    if _is_low(self.matmul_dtype, self.dtype):
+      return low_precision_dense(jnp.dtype(self.matmul_dtype))(x, self.embedding.T)
     return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -91,19 +111,12 @@ def activation(name: str):
   return table[name]
 
 
-def low_precision_dot_general(operand_dtype: ct.DType, weight_grad_dtype: ct.DType | None = None):
-  """A `dot_general` for `nn.Dense(dot_general=...)`: the three matmuls of a dense layer
-  (forward, input gradient, kernel gradient) take operands rounded to `operand_dtype`
-  (e.g. bfloat16) and accumulate and return float32. `weight_grad_dtype` overrides the
-  kernel gradient's operand dtype (None = `operand_dtype`). Inputs, kernel and cotangents
-  keep their own dtype (float32 for a float32 model): only the matmul operands are rounded,
-  as in mixed-precision training with float32 master weights.
-
-  Why not `nn.Dense(dtype=bfloat16)`: XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by
-  upcasting to float32 (no gain), while bfloat16 operands with a float32 result use the
-  CPU's bfloat16 dot-product instructions (~2x float32's rate on AVX512-BF16). Supports the
-  dimension numbers `nn.Dense` uses (last axis of the input with the kernel's first axis).
-  """
+@functools.lru_cache(maxsize=None)
+def low_precision_dense(operand_dtype, weight_grad_dtype=None):
+  """f(x float[..., K], w float[K, N]) -> float32[..., N]: x . w with operands rounded to
+  `operand_dtype` and float32 accumulation, in the forward pass and for the input gradient;
+  the kernel gradient x^T . g from operands in `weight_grad_dtype` (None = operand_dtype).
+  Cotangents come back in the dtypes of x and w (see `low_precision_dot_general`)."""
   low = jnp.dtype(operand_dtype)
   wgd = low if weight_grad_dtype is None else jnp.dtype(weight_grad_dtype)
 
@@ -122,12 +135,29 @@ def low_precision_dot_general(operand_dtype: ct.DType, weight_grad_dtype: ct.DTy
     x, w = res
     dx = _mm(g, w, (((g.ndim - 1,), (1,)), ((), ())))             # g . w^T
     lead = tuple(range(x.ndim - 1))
-    xd, gd = x.astype(wgd), g.astype(wgd)
-    dw = lax.dot_general(xd, gd, ((lead, lead), ((), ())),          # x^T . g over all rows
-                         preferred_element_type=jnp.float32)
+    dw = lax.dot_general(x.astype(wgd), g.astype(wgd), ((lead, lead), ((), ())),
+                         preferred_element_type=jnp.float32)       # x^T . g over all rows
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
   dense_dot.defvjp(fwd, bwd)
+  return dense_dot
+
+
+def low_precision_dot_general(operand_dtype: ct.DType, weight_grad_dtype: ct.DType | None = None):
+  """A `dot_general` for `nn.Dense(dot_general=...)`: the three matmuls of a dense layer
+  (forward, input gradient, kernel gradient) take operands rounded to `operand_dtype`
+  (e.g. bfloat16) and accumulate and return float32. `weight_grad_dtype` overrides the
+  kernel gradient's operand dtype (None = `operand_dtype`). Inputs, kernel and cotangents
+  keep their own dtype (float32 for a float32 model): only the matmul operands are rounded,
+  as in mixed-precision training with float32 master weights.
+
+  Why not `nn.Dense(dtype=bfloat16)`: XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by
+  upcasting to float32 (no gain), while bfloat16 operands with a float32 result use the
+  CPU's bfloat16 dot-product instructions (~2x float32's rate on AVX512-BF16). Supports the
+  dimension numbers `nn.Dense` uses (last axis of the input with the kernel's first axis).
+  """
+  dense_dot = low_precision_dense(jnp.dtype(operand_dtype),
+                                  None if weight_grad_dtype is None else jnp.dtype(weight_grad_dtype))
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                   **kwargs):

@@ -22,11 +22,13 @@ class GatedMlp(nn.Module):
   use_bias: bool = False
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
+  matmul_dtype: ct.DType | None = None   # see DenseGeneral
 
   @nn.compact
   def __call__(self, x: ct.Array) -> ct.Array:
     """float[B, T, E] -> float[B, T, E]."""
-    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+              matmul_dtype=self.matmul_dtype)
     e = x.shape[-1]
     gate = DenseGeneral((self.hidden_dim,), (ct.EMBED, ct.MLP), name="gate", **kw)(x)
     up = DenseGeneral((self.hidden_dim,), (ct.EMBED, ct.MLP), name="up", **kw)(x)
@@ -48,11 +50,13 @@ class Mlp(nn.Module):
   use_bias: bool = True
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
+  matmul_dtype: ct.DType | None = None   # see DenseGeneral
 
   @nn.compact
   def __call__(self, x: ct.Array) -> ct.Array:
     """float[B, T, E] -> float[B, T, E]."""
-    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+              matmul_dtype=self.matmul_dtype)
     e = x.shape[-1]
     h = activation(self.act)(DenseGeneral((self.hidden_dim,), (ct.EMBED, ct.MLP), name="fc1", **kw)(x))
     h = nn.with_logical_constraint(h, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS))

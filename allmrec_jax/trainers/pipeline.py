@@ -87,7 +87,8 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
     return json.loads(out_path.read_text())
   cfg, ecfg = config.stage2, config.eval
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype, mesh=mesh,
-                                rules=rules, remat=config.llm.remat)
+                                rules=rules, remat=config.llm.remat,
+                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, tok = loaded.module, loaded.tokenizer
   llm_params = {"params": loaded.params}
   builder = prompt_builder(ds, tok, cfg)

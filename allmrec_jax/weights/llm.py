@@ -311,7 +311,8 @@ def read_config(path: pathlib.Path, dtype: str = "float32", **overrides):
 
 
 def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
-             extra_special_tokens: Sequence[str] = (), remat: bool = False) -> LoadedLLM:
+             extra_special_tokens: Sequence[str] = (), remat: bool = False,
+             matmul_dtype: str = "") -> LoadedLLM:
   """Loads decoder parameters (sharded over `mesh` when given) and the tokenizer.
 
   Args:
@@ -322,9 +323,14 @@ def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
     extra_special_tokens: added to the tokenizer (ids from len(tokenizer) on); the embedding
       grows when needed and their rows start as the mean embedding row.
     remat: rematerialise each decoder layer (stage-2 training).
+    matmul_dtype: "" = matmuls in `dtype`; "bfloat16" with dtype "float32" = the dense
+      layers' and LM head's matmul operands rounded to bfloat16 with float32 accumulation
+      (weights, norms, softmax and the residual stream stay float32); the paper runs its
+      OPT-6.7B in float16.
   """
   path = resolve_path(path_or_name)
-  config, source, gguf_file = read_config(path, dtype, remat=remat)
+  config, source, gguf_file = read_config(path, dtype, remat=remat,
+                                          matmul_dtype=matmul_dtype or "")
   module = llm_models.make_decoder(config)
   params = load_params(module, config, source, mesh, rules, label=str(path))
   tokenizer = _load_tokenizer(path.parent if gguf_file else path, gguf_file)

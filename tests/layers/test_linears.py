@@ -50,3 +50,31 @@ def test_in_dense_and_bad_dimension_numbers():
   dot = linears.low_precision_dot_general(jnp.bfloat16)
   with pytest.raises(ValueError, match="nn.Dense"):
     dot(x, x, (((0,), (0,)), ((), ())))
+
+
+def test_dense_general_and_tied_head_matmul_dtype():
+  """DenseGeneral(matmul_dtype=bfloat16) with two contracted axes and Embed.attend: float32
+  results equal to float32 sums of bfloat16-rounded operands; gradients flow to x."""
+  x = jax.random.normal(jax.random.key(3), (2, 5, 4, 6))
+  layer = linears.DenseGeneral((7,), ("heads", "kv", "embed"), num_contract=2, use_bias=True,
+                               matmul_dtype=jnp.bfloat16)
+  variables = layer.init(jax.random.key(4), x)
+  p = nn.unbox(variables["params"])
+  p = {"kernel": p["kernel"], "bias": p["bias"] + 0.5}
+  y = layer.apply({"params": p}, x)
+  assert y.dtype == jnp.float32 and y.shape == (2, 5, 7)
+  ref = np.einsum("bthd,hdo->bto", _round(x), _round(p["kernel"])) + np.asarray(p["bias"])
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda v: jnp.sum(layer.apply({"params": p}, v) ** 2))(x)
+  g32 = jax.grad(lambda v: jnp.sum(linears.DenseGeneral(
+      (7,), ("heads", "kv", "embed"), num_contract=2, use_bias=True).apply(
+          {"params": p}, v) ** 2))(x)
+  np.testing.assert_allclose(g, g32, rtol=0, atol=0.05 * float(jnp.abs(g32).max()))
+
+  emb = linears.Embed(11, 6, matmul_dtype=jnp.bfloat16)
+  ev = emb.init(jax.random.key(5), jnp.zeros((1,), jnp.int32))
+  h = jax.random.normal(jax.random.key(6), (3, 6))
+  logits = emb.apply(ev, h, method="attend")
+  table = np.asarray(nn.unbox(ev["params"])["embedding"])
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, _round(h) @ _round(table).T, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ the full forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from allmrec_jax.models import llm as llm_models
 from allmrec_jax.models.llm import LlamaConfig, LlamaDecoder, init_cache
 from allmrec_jax.weights import gguf as gguf_lib
 from allmrec_jax.weights import hf as hf_lib
@@ -181,6 +183,32 @@ def test_bfloat16_close_to_float32():
   assert float(jnp.max(jnp.abs(a - b))) < 0.05 * scale
 
 
+def test_bf16_matmuls_close_to_float32_with_float32_state():
+  """matmul_dtype=bfloat16: float32 parameters, hidden states and logits; dense and head
+  matmuls from bfloat16 operands (close to float32, not equal); gradients to
+  inputs_embeds flow and stay close (stage 2 trains through the frozen LLM)."""
+  for name in ("mha_tied_default", "gqa_untied_llama3"):
+    hf_config, model = _hf_llama(**RANDOM_CONFIGS[name])
+    module, params = _ours(hf_config, model)
+    mixed = LlamaDecoder(LlamaConfig.from_hf(hf_config, matmul_dtype="bfloat16"))
+    ids = np.random.RandomState(6).randint(0, 101, (2, 10)).astype(np.int32)
+    a, _ = jax.jit(module.apply)({"params": params}, input_ids=ids)
+    b, aux = jax.jit(mixed.apply)({"params": params}, input_ids=ids)
+    assert b.dtype == jnp.float32 and aux["hidden"].dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(a)))
+    diff = float(jnp.max(jnp.abs(a - b)))
+    assert 0 < diff < 0.05 * scale, (name, diff, scale)
+    emb = module.apply({"params": params}, ids, method="embed")
+
+    def loss(m):
+      return lambda e: jnp.sum(m.apply({"params": params}, inputs_embeds=e)[0][:, -1] ** 2)
+    g32 = jax.jit(jax.grad(loss(module)))(emb)
+    g16 = jax.jit(jax.grad(loss(mixed)))(emb)
+    assert g16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32))
+    assert rel < 0.05, (name, rel)
+
+
 def test_remat_same_values_and_grads():
   hf_config, model = _hf_llama(num_hidden_layers=1, **RANDOM_CONFIGS["gqa_untied_llama3"])
   module, params = _ours(hf_config, model)
@@ -300,6 +328,22 @@ def test_smollm_left_padded_batch_matches_transformers(smollm):
   logits, _ = apply({"params": ours.params}, inputs_embeds=emb, attention_mask=mask)
   diff = _masked_max_diff(logits, ref, mask)
   assert diff < REAL_TOL, diff
+
+
+def test_smollm_bf16_matmuls_still_answer(smollm):
+  """The real SmolLM2 with llm.matmul_dtype=bfloat16 (same float32 weights): logits within
+  bfloat16 rounding of the float32 reference and the same top token at every position."""
+  ours, model = smollm
+  mixed = llm_models.make_decoder(dataclasses.replace(ours.config, matmul_dtype="bfloat16"))
+  enc = ours.tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="np")
+  ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  ref = _torch_logits(model, ids, mask)
+  logits, _ = jax.jit(mixed.apply)({"params": ours.params}, input_ids=ids, attention_mask=mask)
+  diff = _masked_max_diff(logits, ref, mask)
+  assert REAL_TOL < diff < 1.0, diff
+  m = mask.astype(bool)
+  assert (np.asarray(logits).argmax(-1) == ref.argmax(-1))[m].mean() > 0.9
+  assert ours.tokenizer.decode(int(jnp.argmax(logits[0, -1]))).strip() == "Paris"
 
 
 @pytest.mark.slow

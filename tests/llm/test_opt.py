@@ -133,3 +133,18 @@ def test_published_sizes_are_configs():
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert c.head_dim * heads == e
     assert 0.8 < n / (12 * layers * e * e + 50272 * c.embed_dim) < 1.2, (name, n)
+
+
+def test_bf16_matmuls_close_to_float32():
+  """OPT with matmul_dtype=bfloat16 (project_in/out, tied head included): float32 logits
+  close to the float32 model's, not equal."""
+  hf_config, model = _hf_opt(**CONFIGS["post_ln_project"])
+  module, params = _ours(hf_config, model)
+  mixed = OPTDecoder(OPTConfig.from_hf(hf_config, matmul_dtype="bfloat16"))
+  ids = np.random.RandomState(7).randint(0, hf_config.vocab_size, (2, 9)).astype(np.int32)
+  a, _ = jax.jit(module.apply)({"params": params}, input_ids=ids)
+  b, _ = jax.jit(mixed.apply)({"params": params}, input_ids=ids)
+  assert b.dtype == jnp.float32
+  scale = float(jnp.max(jnp.abs(a)))
+  diff = float(jnp.max(jnp.abs(a - b)))
+  assert 0 < diff < 0.05 * scale, (diff, scale)

@@ -62,6 +62,8 @@ class LlamaConfig:
   pad_token_id: int | None = None
   dtype: str = "float32"              # compute dtype
   param_dtype: str = "float32"
+  matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
+                                      #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False                 # rematerialise each layer (stage-2 training)
 
   family = "llama"
@@ -121,13 +123,14 @@ class LlamaBlock(nn.Module):
   def __call__(self, x, mask, cos_sin, layer_cache=None, end=None):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    mm = dict(kw, matmul_dtype=c.matmul_dtype or None)
     h = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attn_lib.Attention(
         c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.attention_bias or c.qkv_bias,
-        out_bias=c.attention_bias, name="attn", **kw)(h, mask, cos_sin, layer_cache, end)
+        out_bias=c.attention_bias, name="attn", **mm)(h, mask, cos_sin, layer_cache, end)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x)
-    x = x + GatedMlp(c.intermediate_size, c.hidden_act, c.mlp_bias, name="mlp", **kw)(h)
+    x = x + GatedMlp(c.intermediate_size, c.hidden_act, c.mlp_bias, name="mlp", **mm)(h)
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
     return x, new_cache
 
@@ -139,12 +142,13 @@ class LlamaDecoder(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    self.embedder = Embed(c.vocab_size, c.hidden_size, name="embed", **kw)
+    mm = dict(kw, matmul_dtype=c.matmul_dtype or None)
+    self.embedder = Embed(c.vocab_size, c.hidden_size, name="embed", **mm)
     block = nn.remat(LlamaBlock) if c.remat else LlamaBlock
     self.layers = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, name="final_norm", **kw)
     if not c.tie_word_embeddings:
-      self.lm_head = DenseGeneral((c.vocab_size,), (ct.EMBED, ct.VOCAB), name="lm_head", **kw)
+      self.lm_head = DenseGeneral((c.vocab_size,), (ct.EMBED, ct.VOCAB), name="lm_head", **mm)
     scaling = dict(c.rope_scaling or ())
     self._inv_freq = rotary.static_inv_freq(c.rope_theta, c.head_dim, scaling or None)
 

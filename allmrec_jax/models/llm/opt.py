@@ -52,6 +52,8 @@ class OPTConfig:
   pad_token_id: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
+  matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
+                                      #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False
 
   family = "opt"
@@ -104,18 +106,19 @@ class OPTBlock(nn.Module):
     del cos_sin
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    mm = dict(kw, matmul_dtype=c.matmul_dtype or None)
     ln = lambda name: LayerNorm(1e-5, c.layer_norm_elementwise_affine, name=name, **kw)
     attn_norm, mlp_norm = ln("attn_norm"), ln("mlp_norm")
     pre = c.do_layer_norm_before
     h = attn_norm(x) if pre else x
     h, new_cache = attn_lib.Attention(
         c.num_heads, c.num_heads, c.head_dim, qkv_bias=c.enable_bias, out_bias=c.enable_bias,
-        use_rotary=False, name="attn", **kw)(h, mask, None, layer_cache, end)
+        use_rotary=False, name="attn", **mm)(h, mask, None, layer_cache, end)
     x = x + h
     if not pre:
       x = attn_norm(x)
     h = mlp_norm(x) if pre else x
-    x = x + Mlp(c.ffn_dim, c.activation_function, c.enable_bias, name="mlp", **kw)(h)
+    x = x + Mlp(c.ffn_dim, c.activation_function, c.enable_bias, name="mlp", **mm)(h)
     if not pre:
       x = mlp_norm(x)
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
@@ -129,13 +132,14 @@ class OPTDecoder(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    self.embedder = Embed(c.vocab_size, c.embed_dim, name="embed", **kw)
+    mm = dict(kw, matmul_dtype=c.matmul_dtype or None)
+    self.embedder = Embed(c.vocab_size, c.embed_dim, name="embed", **mm)
     self.pos_embedding = self.param(
         "pos_embed", nn.with_logical_partitioning(default_kernel_init, (None, None)),  # small: replicated
         (c.max_position_embeddings + POSITION_OFFSET, c.hidden_size), jnp.dtype(c.param_dtype))
     if c.has_projections:
-      self.project_in = DenseGeneral((c.hidden_size,), (None, ct.EMBED), name="project_in", **kw)
-      self.project_out = DenseGeneral((c.embed_dim,), (ct.EMBED, None), name="project_out", **kw)
+      self.project_in = DenseGeneral((c.hidden_size,), (None, ct.EMBED), name="project_in", **mm)
+      self.project_out = DenseGeneral((c.embed_dim,), (ct.EMBED, None), name="project_out", **mm)
     block = nn.remat(OPTBlock) if c.remat else OPTBlock
     self.layers = [block(c, name=f"layers_{i}") for i in range(c.num_layers)]
     if c.final_layer_norm:
