@@ -356,7 +356,6 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
 
   if cfc.loss not in losses.CF_LOSSES:
     raise ValueError(f"config.cf.loss={cfc.loss!r} is not one of {sorted(losses.CF_LOSSES)}")
-  loss_fn = losses.CF_LOSSES[cfc.loss]
   tx = make_optimizer(config)
   seed = int(config.seed)
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
