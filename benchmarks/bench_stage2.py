@@ -80,7 +80,8 @@ def setup(args):
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
   c = ml100k.get_config()
   ds = prepare.prepare_dataset(c.data)
-  loaded = llm_weights.load_llm(None, dtype="float32", remat=args.remat)
+  loaded = llm_weights.load_llm(None, dtype="float32", remat=args.remat,
+                                matmul_dtype=args.matmul_dtype)
   builder = pipeline.prompt_builder(ds, loaded.tokenizer, c.stage2)
   return c, ds, loaded, builder
 
@@ -180,10 +181,13 @@ def main():
   ap.add_argument("--eval_batches", type=int, default=3, help="timed evaluation batches")
   ap.add_argument("--new_tokens", type=int, default=64)
   ap.add_argument("--skip_peer", action="store_true")
+  ap.add_argument("--matmul_dtype", default="",
+                  help="config.llm.matmul_dtype ('' = float32; 'bfloat16' = mixed precision)")
   ap.add_argument("--skip_train", action="store_true")
   ap.add_argument("--skip_eval", action="store_true")
   args = ap.parse_args()
-  result = {"loadavg_before": bench_common.loadavg()}
+  result = {"loadavg_before": bench_common.loadavg(),
+            "matmul_dtype": args.matmul_dtype or "float32"}
   peak = matmul_peak()
   result["matmul_peak_gflop_per_s"] = peak / 1e9
   c, ds, loaded, builder = setup(args)
