@@ -30,6 +30,10 @@ benchmarks/results/bench_stage2_2026-11-27.log), SmolLM2-135M fp32:
   evaluation             1.50 s/user (batch 8:       3.83 s/user (batch 2:       2.55x  5x
                          ranking 20 candidates +     generation of 64 tokens
                          generating 64 tokens)       only)
+Session 5 (2026-11-27 16:06-16:12 UTC, idle; logs results/bench_stage2_{bf16,
+fp32_session5}_2026-11-27.log): float32 5.20 s/step and 1.72 s/user, peer 5.20 s/step
+and 3.93 s/user; with --matmul_dtype=bfloat16 (the ml100k default) 3.75 s/step
+(292 non-pad tok/s, 1.38x the peer) and 1.23 s/user (3.19x).
 Neither bar is met. The training step is compute-bound at fp32 (the frozen LLM's forward
 and input-gradient backward over ~1,240 padded tokens are ~580 GFLOP); the peer does the
 same FLOPs with oneDNN at a similar rate, so the remaining gains are in fewer FLOPs (the
