@@ -33,6 +33,9 @@ flags.DEFINE_string("prompt", None, "the prompt (or use --batch)")
 flags.DEFINE_string("batch", None, "a text file with one prompt per line")
 flags.DEFINE_integer("max_new_tokens", 16, "tokens to generate at most")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute / parameter dtype")
+flags.DEFINE_enum("matmul_dtype", "", ["", "bfloat16"],
+                  "'' = matmuls in --dtype; bfloat16 = matmul operands in bfloat16 with "
+                  "float32 accumulation (faster on CPUs with AVX512-BF16)")
 flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (paper: 1.5)")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 = sampling temperature")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling threshold (with --temperature > 0)")
@@ -76,7 +79,7 @@ def main(argv):
   from allmrec_jax import generate as gen  # pylint: disable=import-outside-toplevel
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
 
-  loaded = llm_weights.load_llm(FLAGS.llm, dtype=FLAGS.dtype)
+  loaded = llm_weights.load_llm(FLAGS.llm, dtype=FLAGS.dtype, matmul_dtype=FLAGS.matmul_dtype)
   tok = loaded.tokenizer
   if FLAGS.chat:
     prompts_in = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
