@@ -149,10 +149,11 @@ def test_registry_and_errors():
     _init(m)
 
 
-def test_sasrec_matches_torch_reference():
+@pytest.mark.parametrize("heads", [1, 2])   # 1: the default (no head axis), 2: multi-head
+def test_sasrec_matches_torch_reference(heads):
   """Same weights in a torch SASRec written like pmixer's port -> same logits."""
   torch = pytest.importorskip("torch")
-  model = _model("sasrec", num_heads=2, dropout=0.0)
+  model = _model("sasrec", num_heads=heads, dropout=0.0)
   _, p = _init(model)
   pr = jax.tree.map(lambda x: torch.tensor(np.asarray(x)), p["params"])
   seq = np.asarray(_seqs())
@@ -167,7 +168,7 @@ def test_sasrec_matches_torch_reference():
   mask = ~torch.tril(torch.ones((L, L), dtype=torch.bool))
   for i in range(2):
     a = pr[f"attn_{i}"]
-    mha = torch.nn.MultiheadAttention(D, 2, dropout=0.0)
+    mha = torch.nn.MultiheadAttention(D, heads, dropout=0.0)
     with torch.no_grad():
       mha.in_proj_weight.copy_(a["in_proj_kernel"].T)
       mha.in_proj_bias.copy_(a["in_proj_bias"])
