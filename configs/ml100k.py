@@ -7,7 +7,7 @@ Everything is the paper's default (configs/base.py) except what a 2-core CPU can
 the 45-minute budget of the main command; each deviation is named here:
   stage1.num_epochs = 50  (paper 10)    10 epochs are 160 steps on ML-100K and leave the
                           alignment at chance (text->item recall@10 0.0074); 50 epochs
-                          (800 steps, ~7 min) reach recall@10 0.80 (README, stage 1)
+                          (800 steps, ~5 min) reach recall@10 0.81 (README, stage 1)
   sbert.matmul_dtype = "bfloat16" (paper: float32)  stage 1's SBERT matmuls take bfloat16
                           operands with float32 accumulation (weights, Adam, LayerNorm,
                           softmax stay float32): the fine-tuned step is ~1.5x faster on an
