@@ -167,7 +167,8 @@ def main(argv):
          "sampling_s_median": float(np.median(sample_t)),
          "eval_test_all_protocols_s_median": float(np.median(eval_t)),
          "eval_users": int(ds.eval_users("test").size),
-         "devices": jax.device_count(), "load_avg_1m": os.getloadavg()[0]}
+         "devices": jax.device_count(), "load_avg_1m": os.getloadavg()[0],
+         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   if run_t is not None:
     import torch  # pylint: disable=g-import-not-at-top
     out["torch_reference_epoch_s_median"] = float(np.median(torch_t))
