@@ -34,7 +34,8 @@ def masked_mean(values: Array, weights: Array) -> Array:
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _position_weights(pos: Array, row_mask: Array | None) -> Array:
+def position_weights(pos: Array, row_mask: Array | None) -> Array:
+  """float[B, L] weights m of the CF losses: [pos != 0] * row_mask[:, None]."""
   w = (pos != 0).astype(jnp.float32)
   if row_mask is not None:
     w = w * jnp.asarray(row_mask, jnp.float32)[:, None]
@@ -53,7 +54,7 @@ def sasrec_bce_loss(pos_logits: Array, neg_logits: Array, pos: Array,
     pos: int32[B, L] true next items (0 = padding position, excluded).
     row_mask: float[B] or None; 0 drops a padding row of the batch.
   """
-  w = _position_weights(pos, row_mask)
+  w = position_weights(pos, row_mask)
   return (masked_mean(bce_with_logits(pos_logits, 1.0), w)
           + masked_mean(bce_with_logits(neg_logits, 0.0), w))
 
@@ -64,7 +65,7 @@ def bpr_loss(pos_logits: Array, neg_logits: Array, pos: Array,
 
     loss = (1/M) sum m * -log sigma(s^+ - s^-),   m = [pos != 0] * r_b, M = sum m
   """
-  w = _position_weights(pos, row_mask)
+  w = position_weights(pos, row_mask)
   return masked_mean(-jax.nn.log_sigmoid(pos_logits - neg_logits), w)
 
 

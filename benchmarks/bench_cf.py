@@ -38,6 +38,7 @@ flags.DEFINE_integer("epochs", 10, "timed epochs (after one warm-up)")
 flags.DEFINE_integer("eval_repeats", 3, "timed evaluations (after one warm-up)")
 flags.DEFINE_bool("torch_reference", False, "also time a pmixer-style torch SASRec")
 flags.DEFINE_string("data_dir", "", "processed-data dir ('' = config default)")
+flags.DEFINE_integer("grad_splits", 0, "config.cf.grad_splits (0 = the ml100k config's)")
 
 
 def _torch_sasrec_epoch_fn(num_items, d, maxlen, blocks, heads, dropout, lr):
@@ -108,6 +109,8 @@ def main(argv):
   del argv
   config = ml100k.get_config()
   config.cf.model = FLAGS.model
+  if FLAGS.grad_splits:
+    config.cf.grad_splits = FLAGS.grad_splits
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   ds = prepare.prepare_dataset(config.data)
@@ -127,7 +130,8 @@ def main(argv):
     return {k: np.stack([b[k] for b in bs]) for k in ("seq", "pos", "neg", "mask")}
 
   run = jax.jit(functools.partial(cf_trainer.train_epoch, model, tx,
-                                  losses.CF_LOSSES[config.cf.loss], jax.random.key(1)),
+                                  losses.CF_LOSSES[config.cf.loss], jax.random.key(1),
+                                  grad_splits=cf_trainer.grad_splits(config)),
                 donate_argnums=(0,))
   run_t = None
   if FLAGS.torch_reference and FLAGS.model == "sasrec":
@@ -162,6 +166,7 @@ def main(argv):
     evaluator.evaluate(state["params"], "test")
     eval_t.append(time.perf_counter() - t0)
   out = {"model": FLAGS.model, "steps_per_epoch": spe, "batch_size": bsz,
+         "grad_splits": cf_trainer.grad_splits(config),
          "epoch_s_median": float(np.median(device_t)), "epoch_s_min": float(np.min(device_t)), "epoch_s_all": [round(t, 3) for t in device_t],
          "epoch_with_sampling_s_median": float(np.median(total_t)),
          "sampling_s_median": float(np.median(sample_t)),

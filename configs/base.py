@@ -59,6 +59,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.cf.mlp_layers = 2             # NCF MLP tower depth (2D -> D -> D/2)
   c.cf.drop_remainder = False     # False: last batch of an epoch padded (SASRec: 8 batches on ML-100K)
   c.cf.grad_clip = 0.0            # global-norm gradient clipping (0 = off, as in SASRec)
+  c.cf.grad_splits = 1            # gradient as a weighted sum over this many row blocks of
+                                  #   the batch (same objective; each block its own dropout
+                                  #   key); >1 lets XLA:CPU run the blocks side by side
   c.cf.eval_batch_size = 256      # users per jitted evaluation chunk
   c.cf.progress = True            # tqdm progress bar over epochs
 

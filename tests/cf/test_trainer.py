@@ -107,3 +107,39 @@ def test_cold_user_metrics(pattern_dataset):
   assert m["test/cold_user/num_users"] == 3
   assert 0 <= m["test/cold_user/hit@1"] <= m["test/cold_user/hit@5"] <= 1
   assert cf_trainer.cold_user_metrics(model, nn.unbox(params), pattern_dataset, 12) == {}
+
+
+@pytest.mark.parametrize("name", ["sasrec", "ncf"])
+def test_grad_splits_is_the_same_objective(pattern_dataset, name):
+  """config.cf.grad_splits: the M_i/M-weighted block gradients equal the whole-batch
+  gradient (dropout off so the masks cannot differ), padding rows and padded positions
+  included; a split that does not divide the batch is a named error."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from allmrec_jax import losses  # pylint: disable=g-import-not-at-top
+  from allmrec_jax.data import pipelines  # pylint: disable=g-import-not-at-top
+  config = tiny_config(name)
+  config.cf.dropout = 0.0
+  model = cf_trainer.make_model(config, pattern_dataset.num_items)
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(1.0)         # new params = params - gradient: compares the gradients
+  params = cf_trainer.init_params(model, jax.random.key(0), config.data.maxlen)
+  pipe = pipelines.cf_train_dataset(pattern_dataset, batch_size=16, maxlen=config.data.maxlen,
+                                    seed=0, num_epochs=1, drop_remainder=False)
+  batch = {k: jnp.asarray(pipe[0][k]) for k in ("seq", "pos", "neg", "mask")}
+  batch["mask"] = batch["mask"].at[-5:].set(0.0)   # padding rows: an uneven M_i per block
+  assert float((batch["pos"] == 0).mean()) > 0     # and padded positions
+  out = []
+  for n in (1, 4):
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    new, loss = jax.jit(lambda s, b, n=n: cf_trainer.train_step(
+        model, tx, losses.CF_LOSSES["bce"], jax.random.key(1), s, b, grad_splits=n))(
+            state, batch)
+    out.append((new["params"], float(loss)))
+  np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               out[1][0], out[0][0])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), out[0][0], params)
+  assert max(jax.tree.leaves(moved)) > 1e-3          # the gradient is not trivially zero
+  config.cf.grad_splits = 3
+  with pytest.raises(ValueError, match="config.cf.grad_splits"):
+    cf_trainer.grad_splits(config)
