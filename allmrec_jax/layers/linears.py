@@ -16,7 +16,8 @@ from allmrec_jax import common_types as ct
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def _is_low(matmul_dtype, dtype) -> bool:
+def is_low_precision(matmul_dtype, dtype) -> bool:
+  """True when `matmul_dtype` is set and differs from the compute `dtype`."""
   return bool(matmul_dtype) and jnp.dtype(matmul_dtype) != jnp.dtype(dtype)
 
 
@@ -50,7 +51,7 @@ class DenseGeneral(nn.Module):
                         in_shape + features, self.param_dtype)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if _is_low(self.matmul_dtype, self.dtype):
+    if is_low_precision(self.matmul_dtype, self.dtype):
       lead = x.shape[:x.ndim - self.num_contract]
       y = low_precision_dense(jnp.dtype(self.matmul_dtype))(
           x.reshape(lead + (math.prod(in_shape),)),
@@ -94,7 +95,7 @@ class Embed(nn.Module):
 
   def attend(self, x: ct.Array) -> ct.Array:
     """float[..., E] -> float32[..., V] (x . embedding^T, the tied LM head)."""
-    if _is_low(self.matmul_dtype, self.dtype):
+    if is_low_precision(self.matmul_dtype, self.dtype):
       return low_precision_dense(jnp.dtype(self.matmul_dtype))(x, self.embedding.T)
     return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
                       preferred_element_type=jnp.float32)

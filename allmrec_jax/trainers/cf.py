@@ -116,11 +116,12 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, base
     if rows % grad_splits:
       raise ValueError(f"config.cf.grad_splits={grad_splits} must divide the batch size {rows}")
     n = rows // grad_splits
-    total = jnp.maximum(jnp.sum(losses.position_weights(batch["pos"], batch.get("mask"))), 1.0)
+    w = losses.position_weights(batch["pos"], batch.get("mask"))
+    total = jnp.maximum(jnp.sum(w), 1.0)
     loss, grads = 0.0, None
     for i in range(grad_splits):
       b = {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
-      share = jnp.sum(losses.position_weights(b["pos"], b.get("mask"))) / total
+      share = jnp.sum(w[i * n:(i + 1) * n]) / total
       l_i, g_i = jax.value_and_grad(loss_of)(state["params"], b, jax.random.fold_in(key, i))
       loss = loss + share * l_i
       g_i = jax.tree.map(lambda g, s=share: s * g, g_i)

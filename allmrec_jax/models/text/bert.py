@@ -82,7 +82,7 @@ class BertConfig:
 
 
 def _dense(features: int, axes: tuple[str, str], cfg: BertConfig, name: str) -> nn.Dense:
-  low = cfg.matmul_dtype and jnp.dtype(cfg.matmul_dtype) != jnp.dtype(cfg.dtype)
+  low = linears.is_low_precision(cfg.matmul_dtype, cfg.dtype)
   return nn.Dense(
       features,
       dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
