@@ -140,7 +140,7 @@ def bench_eval(args, c, ds, loaded, builder):
   import jax  # pylint: disable=import-outside-toplevel
   bs = args.eval_batch or c.eval.batch_size
   es = evaluate.make_eval_set(ds, "test", maxlen=c.data.maxlen,
-                              num_history=c.stage2.num_history,
+                              num_history=c.eval.num_history,
                               max_users=bs * (args.eval_batches + 1), seed=0)
   rng = np.random.default_rng(0)
   rep = rng.normal(size=(len(es.users), c.cf.hidden_dim)).astype(np.float32)

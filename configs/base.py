@@ -124,13 +124,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.b2 = 0.98
   c.stage2.batch_size = 4
   c.stage2.num_epochs = 5
-  c.stage2.num_history = 10       # history items in the prompt
-  c.stage2.num_candidates = 20    # candidates in the prompt (target + 19 negatives)
+  c.stage2.num_history = 10       # history items in TRAINING prompts (evaluation: eval.num_history)
+  c.stage2.num_candidates = 20    # candidates in TRAINING prompts (target + negatives;
+                                  #   evaluation always shows the 20 stored candidates)
   c.stage2.positions_per_user = 1 # target positions per user (1 = the paper: last training item)
   c.stage2.max_steps = 0          # stop after this many steps (0 = num_epochs epochs)
   c.stage2.max_title_tokens = 32  # titles are cut to this many tokens (counted)
   c.stage2.len_bucket = 32        # prompt lengths are padded to a multiple of this
-  c.stage2.bos = "auto"           # BOS before [U]: auto (as the tokenizer: OPT yes) | always | never
+  c.stage2.bos = "first"          # first | after_user | none. first: a fixed first token, then
+                                  #   [U] (position 0 of a causal LM is an attention sink whose
+                                  #   content is not read; measured on SmolLM2). after_user: the
+                                  #   authors' exact order, [U] then OPT's </s>. none: [U] first.
+  c.stage2.first_token = ""       # the fixed first token ("" = the tokenizer's BOS)
+  c.stage2.item_slot = "after_title"  # after_title: "title"[C] (paper) | in_quotes: "[C]title"
+  c.stage2.user_at_answer = False # True (needs in_quotes): the answer opens `is "[U]`, so a
+                                  #   frozen LM's copy heads can match [U] to a candidate's [C]
+  c.stage2.eval_every = 0         # steps between validation rankings (0 = none)
+  c.stage2.eval_users = 200       # validation users ranked every eval_every steps
   c.stage2.log_every = 10         # steps between metric lines
   c.stage2.ckpt_every = 100       # steps between checkpoints (and at every epoch end)
   c.stage2.item_source = "joint"  # F_I input: joint (paper) | text (A-LLMRec SBERT) | cf (MLP-LLM) | random
@@ -140,10 +150,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()
   c.eval.max_users = 10000        # paper: up to 10,000 test users
+  c.eval.num_history = 10         # history items in evaluation prompts (paper: 10)
   c.eval.max_new_tokens = 64      # generation length
   c.eval.repetition_penalty = 1.5 # paper's generation setting
   c.eval.split = "test"           # which target to evaluate (valid | test)
   c.eval.batch_size = 8           # users per LLM evaluation batch
   c.eval.baselines = "cf,llm_only,mlp_llm"  # baselines scored on the same users/candidates
   c.eval.num_examples = 5         # users whose prompt/answer go into results.md
+  c.eval.diagnostics = "user_shuffled,items_permuted"  # extra rankings of A-LLMRec with x_u
+                                  #   shuffled across users / item tokens permuted ("" = none)
   return c

@@ -45,13 +45,24 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a run's workdir with finished cf/ and stage1/",
                     required=True)
 config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
-flags.DEFINE_enum("user", "cf", ["cf", "oracle", "none"], "what the [UserRep] slot carries")
+flags.DEFINE_enum("user", "cf", ["cf", "oracle", "tied", "none"],
+                  "what the [UserRep] slot carries (tied: F_I of the target's item input, "
+                  "an exact copy of the target's [CandidateEmb])")
 flags.DEFINE_enum("items", "joint", ["joint", "cf", "text", "random", "marker", "popularity"],
                   "F_I input table (marker: the target's slots get [1, 0], others [0, 1]; "
                   "popularity: [z, 1], z = the standardised log training count)")
 flags.DEFINE_integer("steps", 100, "training steps")
 flags.DEFINE_integer("eval_users", 80, "validation users ranked before/after")
 flags.DEFINE_string("split", "valid", "evaluation split")
+flags.DEFINE_integer("eval_every", 0, "also rank every this many steps (0 = only at the end)")
+
+
+class TiedProjectors(projectors_lib.Stage2Projectors):
+  """[U] := F_I(x): the user slot gets the item projector's output of its input."""
+
+  def user(self, x):
+    self.user_proj(jax.numpy.zeros((1, self.user_in_dim)))   # keep the params tree
+    return self.item_proj(x)
 
 
 def main(argv):
@@ -97,11 +108,13 @@ def main(argv):
                                     positions_per_user=cfg.positions_per_user)
   if FLAGS.user == "oracle":
     user_rep = cf_table[ex.targets]
+  elif FLAGS.user == "tied":
+    user_rep = table[ex.targets]
   else:
     user_rep = stage2_lib.user_representations(cf_model, cf_vars, ex.seq)
   use_user = FLAGS.user != "none"
-  proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1],
-                                         loaded.config.hidden_size)
+  proj_cls = TiedProjectors if FLAGS.user == "tied" else projectors_lib.Stage2Projectors
+  proj = proj_cls(table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
   trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                      item_table=table,
                                      optimizer=stage2_lib.make_optimizer(cfg),
@@ -111,9 +124,10 @@ def main(argv):
   state = trainer.init_state(params0)
 
   es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
-                              num_history=cfg.num_history, max_users=FLAGS.eval_users,
+                              num_history=config.eval.num_history, max_users=FLAGS.eval_users,
                               seed=config.data.candidate_seed)
   es_rep = (cf_table[es.targets] if FLAGS.user == "oracle"
+            else table[es.targets] if FLAGS.user == "tied"
             else stage2_lib.user_representations(cf_model, cf_vars, es.seq))
 
   def mark(item_ids, targets):
@@ -140,8 +154,12 @@ def main(argv):
     return {k: round(m[k], 4) for k in ("hit@1", "hit@5", "mrr")}
 
   out = {"user": FLAGS.user, "items": FLAGS.items, "steps": FLAGS.steps, "lr": cfg.lr,
+         "bos": cfg.bos, "item_slot": cfg.item_slot, "user_at_answer": cfg.user_at_answer,
+         "train_candidates": cfg.num_candidates, "train_history": cfg.num_history,
+         "batch_size": cfg.batch_size, "positions_per_user": cfg.positions_per_user,
          "eval_users": len(es.users), "split": FLAGS.split, "workdir": FLAGS.workdir,
          "before": rank(params0)}
+  print(json.dumps({"before": out["before"]}), flush=True)
   index = pipelines.train_exclusion_index(ds)
   losses, step, epoch = [], 0, 0
   while step < FLAGS.steps:
@@ -156,13 +174,18 @@ def main(argv):
       losses.append(float(metrics["train/loss"]))
       step += 1
       if step % 20 == 0:
-        print(f"step {step} loss(last 20) {np.mean(losses[-20:]):.4f}", flush=True)
+        print(f"step {step} loss(last 20) {np.mean(losses[-20:]):.4f} "
+              f"{time.time() - t0:.0f}s", flush=True)
+      if FLAGS.eval_every and step % FLAGS.eval_every == 0 and step < FLAGS.steps:
+        print(json.dumps({"step": step, "rank": rank(jax.device_get(state["params"]))}),
+              flush=True)
       if step >= FLAGS.steps:
         break
     epoch += 1
-  out["loss_first20"] = round(float(np.mean(losses[:20])), 4)
-  out["loss_last20"] = round(float(np.mean(losses[-20:])), 4)
-  out["after"] = rank(jax.device_get(state["params"]))
+  if losses:
+    out["loss_first20"] = round(float(np.mean(losses[:20])), 4)
+    out["loss_last20"] = round(float(np.mean(losses[-20:])), 4)
+    out["after"] = rank(jax.device_get(state["params"]))
   out["seconds"] = round(time.time() - t0, 1)
   print(json.dumps(out), flush=True)
 

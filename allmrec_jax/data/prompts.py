@@ -6,8 +6,19 @@ The A-LLMRec recommendation prompt (movies wording; SPEC section 1, stage 2):
   previous. Recommend one next movie for this user to watch next from the following movie
   title set, "c_1"[C],"c_2"[C],...,"c_20"[C]. The recommendation is "t_target"<eos>
 
-[U] is a soft token (the projected user representation, the first input embedding); each
-[H]/[C] is a soft token holding the projected joint embedding of the item it follows.
+[U] is a soft token (the projected user representation); each [H]/[C] is a soft token
+holding the projected joint embedding of the item it follows. Two layout choices:
+
+- `lead`: what comes before [U]. "bos_user" = a fixed first token, then [U] (the default:
+  position 0 of a causal LM becomes an attention sink whose content later positions
+  cannot read, so no soft token is put there); "user_bos" = [U], then the BOS (the
+  authors' exact order: OPT's tokenizer starts the text with </s> and the user embedding
+  is concatenated in front of it); "user" = [U] at position 0, nothing before it.
+- `item_slot`: "after_title" = `"title"[C]` (the paper); "in_quotes" = `"[C]title"`, with
+  `user_at_answer` the answer opening `... is "[U]` and the target `title"<eos>`: every
+  title then directly follows its own item token, so a frozen LM's copy heads (attend to
+  the token after an earlier occurrence of the current token, copy it) can answer with
+  the candidate whose [C] matches [U] (a named deviation for small LLMs).
 
 Tokenisation is done ONCE: the template's static pieces and, per item, its quoted title in
 the two contexts it appears in (` "title"` after the template text, `,"title"` after a soft
@@ -28,7 +39,10 @@ from collections.abc import Sequence
 import numpy as np
 
 # What the soft slots are, per token position.
-SLOT_TEXT, SLOT_USER, SLOT_HISTORY, SLOT_CANDIDATE = 0, 1, 2, 3
+SLOT_TEXT, SLOT_USER, SLOT_HISTORY, SLOT_CANDIDATE, SLOT_ANSWER_USER = 0, 1, 2, 3, 4
+
+LEADS = ("bos_user", "user_bos", "user")
+ITEM_SLOTS = ("after_title", "in_quotes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +96,8 @@ class PromptBatch:
 
   input_ids:      int32[B, L]  token ids; soft slots hold `slot_id`
   attention_mask: int32[B, L]  1 = real token or soft slot
-  user_pos:       int32[B]     position of the [U] slot (L = none -> dropped scatter)
+  user_pos:       int32[B, U]  positions of the [U] slots (U = 1, or 2 with user_at_answer;
+                               L = none -> dropped scatter)
   item_pos:       int32[B, S]  positions of the item soft slots (S = H + C; L where unused)
   item_ids:       int32[B, S]  item id of each item slot (0 where unused)
   target_pos:     int32[B, Tt] positions whose next-token logits predict the target tokens
@@ -122,8 +137,11 @@ class PromptBuilder:
     titles: item titles, index = item id (titles[0] unused).
     domain: "movies" | "games" | "items".
     max_title_tokens: titles longer than this are cut (counted in `num_truncated_titles`).
-    add_bos: start every prompt with the tokenizer's BOS, before [U] (as OPT's tokenizer
-      does to the paper's prompt string: </s>[UserRep] is a user representation...).
+    bos_id: the fixed first token (None = none; then `lead` must be "user").
+    lead: "bos_user" | "user_bos" | "user" (module docstring); None = "bos_user" with a
+      bos_id, else "user".
+    item_slot: "after_title" (paper) | "in_quotes" (module docstring).
+    user_at_answer: a second [U] slot right before the answer (item_slot "in_quotes" only).
     eos_id: appended after the target title.
     slot_id: token id placed at soft slots (overwritten by embeddings on device).
     pad_id: padding id.
@@ -131,8 +149,24 @@ class PromptBuilder:
   """
 
   def __init__(self, tokenizer, titles: Sequence[str], domain: str, *,
-               max_title_tokens: int = 32, add_bos: bool = False, eos_id: int,
-               slot_id: int = 0, pad_id: int = 0, len_bucket: int = 64):
+               max_title_tokens: int = 32, bos_id: int | None = None,
+               lead: str | None = None, item_slot: str = "after_title",
+               user_at_answer: bool = False, eos_id: int, slot_id: int = 0, pad_id: int = 0,
+               len_bucket: int = 64):
+    if lead is None:
+      lead = "user" if bos_id is None else "bos_user"
+    if lead not in LEADS:
+      raise ValueError(f"prompt lead {lead!r} unknown (config.stage2.bos); known: {LEADS}")
+    if lead != "user" and bos_id is None:
+      raise ValueError(f"prompt lead {lead!r} needs a first token but the tokenizer has no "
+                       "BOS (set config.stage2.first_token)")
+    if item_slot not in ITEM_SLOTS:
+      raise ValueError(f"item slot {item_slot!r} unknown (config.stage2.item_slot); known: "
+                       f"{ITEM_SLOTS}")
+    if user_at_answer and item_slot != "in_quotes":
+      raise ValueError("config.stage2.user_at_answer needs config.stage2.item_slot="
+                       "'in_quotes' (the answer then opens with the quote before [U])")
+    self.lead, self.item_slot, self.user_at_answer = lead, item_slot, bool(user_at_answer)
     self.template = get_template(domain)
     self.slot_id, self.pad_id, self.eos_id = int(slot_id), int(pad_id), int(eos_id)
     self.len_bucket = int(len_bucket)
@@ -140,60 +174,81 @@ class PromptBuilder:
     def enc(text: str) -> list[int]:
       return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    bos = [int(tokenizer.bos_token_id)] if add_bos else []
+    bos = [] if bos_id is None else [int(bos_id)]
     t = self.template
-    self._has_bos = bool(bos)
     static = {
-        "bos": bos,                               # before [U]
+        "bos": bos,                               # the fixed first token
         "user": enc(t.user + t.history),         # after [U]
         "plain": bos + enc(t.history.lstrip()),  # LLM-only prompt start (no [U])
         "middle": enc(t.middle),
         "end": enc(t.end),
+        "end_open": enc(t.end + '"'),            # in_quotes: the answer's opening quote
         "genre": enc(t.genre_question),
+        "open_first": enc(' "'),                 # in_quotes: before the first item's slot
+        "open_rest": enc(',"'),                  # in_quotes: before every other item's slot
     }
     titles = list(titles)
-    first = [enc(" " + quoted(x)) for x in titles]
-    rest = [enc("," + quoted(x)) for x in titles]
-    target = [enc(quoted(x)) for x in titles]
-    self.num_truncated_titles = int(sum(len(x) > max_title_tokens for x in target))
-    first_t, first_l = _ragged_table(first, max_title_tokens + 2)
-    rest_t, rest_l = _ragged_table(rest, max_title_tokens + 2)
-    tgt_t, tgt_l = _ragged_table([x[:max_title_tokens] + [self.eos_id] for x in target],
-                                 max_title_tokens + 1)
-    self.target_width = max_title_tokens + 1
-    # One flat pool: static pieces, then the three title tables, then the slot token.
+    tables = {   # name -> the token ids of every title in that context
+        "first": [enc(" " + quoted(x)) for x in titles],   # ` "title"` after template text
+        "rest": [enc("," + quoted(x)) for x in titles],    # `,"title"` after a slot
+        "target": [enc(quoted(x)) for x in titles],        # `"title"` (the answer)
+        "body": [enc(x + '"') for x in titles],            # `title"` (in_quotes: after a slot)
+    }
+    self.num_truncated_titles = int(sum(len(x) > max_title_tokens for x in tables["target"]))
+    w = max_title_tokens + 1
+    ragged = {"first": _ragged_table(tables["first"], w + 1),
+              "rest": _ragged_table(tables["rest"], w + 1),
+              "body": _ragged_table(tables["body"], w),
+              "target": _ragged_table([x[:max_title_tokens] + [self.eos_id]
+                                       for x in tables["target"]], w),
+              "body_target": _ragged_table([x[:max_title_tokens] + [self.eos_id]
+                                            for x in tables["body"]], w)}
+    self.target_width = w
+    # One flat pool: static pieces, then the title tables, then the slot token.
     pool, self._static = [], {}
     for k, v in static.items():
       self._static[k] = (len(pool), len(v))
       pool.extend(v)
-    base = len(pool)
-    self._first = (base, first_t.shape[1], first_l)
-    base += first_t.size
-    self._rest = (base, rest_t.shape[1], rest_l)
-    base += rest_t.size
-    self._target = (base, tgt_t.shape[1], tgt_l)
-    base += tgt_t.size
+    chunks, base, self._tables = [np.asarray(pool, np.int32)], len(pool), {}
+    for k, (table, lens) in ragged.items():
+      self._tables[k] = (base, table.shape[1], lens)
+      chunks.append(table.ravel())
+      base += table.size
     self._slot = base
-    self.pool = np.concatenate([np.asarray(pool, np.int32), first_t.ravel(), rest_t.ravel(),
-                                tgt_t.ravel(), np.asarray([self.slot_id], np.int32)])
+    self.pool = np.concatenate(chunks + [np.asarray([self.slot_id], np.int32)])
     self.num_items = len(titles) - 1
 
   # -------------------------------------------------------------- piece plan
+  def _title_piece(self, table: str, items: np.ndarray):
+    base, width, lens = self._tables[table]
+    return base + items * width, lens[items]
+
   def _item_pieces(self, items: np.ndarray, slot: bool):
-    """Pieces for a list of items (right-aligned, 0 = absent): title then optional slot."""
-    b, n = items.shape
+    """Pieces of a list of items (right-aligned, 0 = absent).
+
+    Returns (offsets, lengths, slot column) with shape [B, n, P]: P pieces per item, the
+    soft slot in column `slot column` (None without slots).
+    """
     present = items > 0
     first_idx = np.argmax(present, axis=1)  # first present column
-    is_first = (np.arange(n)[None, :] == first_idx[:, None]) & present
-    f_base, f_w, f_len = self._first
-    r_base, r_w, r_len = self._rest
-    off = np.where(is_first, f_base + items * f_w, r_base + items * r_w)
-    ln = np.where(is_first, f_len[items], r_len[items]) * present
+    is_first = (np.arange(items.shape[1])[None, :] == first_idx[:, None]) & present
+    s_off = np.full_like(items, self._slot)
+    s_len = present.astype(np.int64)
+    if slot and self.item_slot == "in_quotes":     # ` "` / `,"`, [slot], `title"`
+      o_first, l_first = self._static["open_first"]
+      o_rest, l_rest = self._static["open_rest"]
+      o_open = np.where(is_first, o_first, o_rest)
+      l_open = np.where(is_first, l_first, l_rest) * present
+      b_off, b_len = self._title_piece("body", items)
+      return (np.stack([o_open, s_off, b_off], -1),
+              np.stack([l_open, s_len, b_len * present], -1), 1)
+    f_off, f_len = self._title_piece("first", items)
+    r_off, r_len = self._title_piece("rest", items)
+    off = np.where(is_first, f_off, r_off)
+    ln = np.where(is_first, f_len, r_len) * present
     if not slot:
-      return off[:, :, None], ln[:, :, None]
-    s_off = np.full_like(off, self._slot)
-    s_len = present.astype(ln.dtype)
-    return np.stack([off, s_off], -1), np.stack([ln, s_len], -1)
+      return off[:, :, None], ln[:, :, None], None
+    return np.stack([off, s_off], -1), np.stack([ln, s_len], -1), 1
 
   def build(self, history: np.ndarray, candidates: np.ndarray | None,
             targets: np.ndarray | None = None, *, soft: bool = True,
@@ -228,37 +283,41 @@ class PromptBuilder:
       kinds.append(np.broadcast_to(as2d(kind), off.shape))
 
     if soft:
-      if self._has_bos:
+      if self.lead == "bos_user":
         add(*self._static["bos"], SLOT_TEXT)
       add(self._slot, 1, SLOT_USER)
+      if self.lead == "user_bos":
+        add(*self._static["bos"], SLOT_TEXT)
       add(*self._static["user"], SLOT_TEXT)
     else:
       add(*self._static["plain"], SLOT_TEXT)
-    h_off, h_len = self._item_pieces(history, soft)
-    h_kind = np.zeros(h_off.shape, np.int64)
-    if soft:
-      h_kind[..., 1] = SLOT_HISTORY
-    add(h_off.reshape(bsz, -1), h_len.reshape(bsz, -1), h_kind.reshape(bsz, -1))
+
+    def add_items(items, slot_kind):
+      off, ln, col = self._item_pieces(items, soft)
+      kind = np.zeros(off.shape, np.int64)
+      if col is not None:
+        kind[..., col] = slot_kind
+      add(off.reshape(bsz, -1), ln.reshape(bsz, -1), kind.reshape(bsz, -1))
+
+    add_items(history, SLOT_HISTORY)
     n_cand = 0
+    in_quotes = soft and self.item_slot == "in_quotes"
     if task == "recommend":
       candidates = np.asarray(candidates, np.int64)
       n_cand = candidates.shape[1]
       add(*self._static["middle"], SLOT_TEXT)
-      c_off, c_len = self._item_pieces(candidates, soft)
-      c_kind = np.zeros(c_off.shape, np.int64)
-      if soft:
-        c_kind[..., 1] = SLOT_CANDIDATE
-      add(c_off.reshape(bsz, -1), c_len.reshape(bsz, -1), c_kind.reshape(bsz, -1))
-      add(*self._static["end"], SLOT_TEXT)
+      add_items(candidates, SLOT_CANDIDATE)
+      add(*self._static["end_open" if in_quotes else "end"], SLOT_TEXT)
+      if in_quotes and self.user_at_answer:
+        add(self._slot, 1, SLOT_ANSWER_USER)
     elif task == "genre":
       add(*self._static["genre"], SLOT_TEXT)
     else:
       raise ValueError(f"unknown prompt task {task!r}")
     n_prompt_pieces = sum(o.shape[1] for o in offs)
     if targets is not None:
-      t_base, t_w, t_len = self._target
-      targets = np.asarray(targets, np.int64)
-      add(t_base + targets * t_w, t_len[targets], SLOT_TEXT)
+      add(*self._title_piece(self._answer_table(soft), np.asarray(targets, np.int64)),
+          SLOT_TEXT)
     off = np.concatenate(offs, 1)
     ln = np.concatenate(lens, 1)
     kind = np.concatenate(kinds, 1)
@@ -288,9 +347,10 @@ class PromptBuilder:
 
     # Soft slots: positions by kind, in prompt order.
     is_slot = (kind != SLOT_TEXT) & (ln > 0)
-    user_pos = np.full((bsz,), width, np.int32)
-    u_rows, u_cols = np.nonzero(is_slot & (kind == SLOT_USER))
-    user_pos[u_rows] = starts[u_rows, u_cols]
+    user_pos = np.full((bsz, 1 + self.user_at_answer), width, np.int32)
+    for j, k in enumerate((SLOT_USER, SLOT_ANSWER_USER)[:user_pos.shape[1]]):
+      u_rows, u_cols = np.nonzero(is_slot & (kind == k))
+      user_pos[u_rows, j] = starts[u_rows, u_cols]
     n_hist = history.shape[1]
     s_total = n_hist + n_cand
     item_pos = np.full((bsz, s_total), width, np.int32)
@@ -300,6 +360,8 @@ class PromptBuilder:
         if items is None:
           continue
         cols = np.nonzero((kind == k).any(0))[0]           # the slot piece columns of kind k
+        if not len(cols):
+          continue
         pos = starts[:, cols]
         present = ln[:, cols] > 0
         item_pos[:, col0:col0 + len(cols)] = np.where(present, pos, width)
@@ -321,15 +383,21 @@ class PromptBuilder:
     return PromptBatch(ids, mask, user_pos, item_pos, item_ids, target_pos, target_ids,
                        target_mask, (prompt_len + shift).astype(np.int32))
 
-  def continuations(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The answer tokens ("title" + EOS) of each candidate, for likelihood ranking.
+  def _answer_table(self, soft: bool) -> str:
+    return "body_target" if soft and self.item_slot == "in_quotes" else "target"
+
+  def continuations(self, candidates: np.ndarray,
+                    soft: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The answer tokens of each candidate ('"title"' + EOS; in_quotes soft prompts:
+    'title"' + EOS), for likelihood ranking.
 
     Args:
       candidates: int[B, C] item ids.
+      soft: the A-LLMRec prompt (False: the plain LLM-Only prompt).
     Returns:
       (int32[B, C, Tt] ids, int32[B, C, Tt] mask), right-padded.
     """
-    base, width, lens = self._target
+    base, width, lens = self._tables[self._answer_table(soft)]
     candidates = np.asarray(candidates, np.int64)
     idx = base + candidates[..., None] * width + np.arange(width)
     mask = (np.arange(width) < lens[candidates][..., None]).astype(np.int32)
@@ -343,11 +411,18 @@ class PromptBuilder:
     """The same prompt as one plain string (for display and for tests)."""
     t = self.template
     hist = [i for i in history if i > 0]
+    in_quotes = soft and self.item_slot == "in_quotes"
+
+    def item(i, tok):
+      return f'"{tok}{titles[i]}"' if in_quotes else quoted(titles[i]) + tok
+
     h_tok = hist_token if soft else ""
     c_tok = cand_token if soft else ""
     out = (user_token + t.user + t.history) if soft else t.history.lstrip()
-    out += " " + ",".join(quoted(titles[i]) + h_tok for i in hist) if hist else ""
+    out += " " + ",".join(item(i, h_tok) for i in hist) if hist else ""
     if task == "genre":
       return out + t.genre_question
-    out += t.middle + " " + ",".join(quoted(titles[i]) + c_tok for i in candidates)
+    out += t.middle + " " + ",".join(item(i, c_tok) for i in candidates)
+    if in_quotes:
+      return out + t.end + '"' + (user_token if self.user_at_answer else "")
     return out + t.end

@@ -5,6 +5,10 @@ KV cache (shared by every decoder): a pytree
    "end": int32[]}  # slots [0, end) are filled
 created by `init_kv_cache`. A call with T new tokens writes them at slots [end, end + T) and
 returns end + T. The attention mask then covers the whole window: int[B, S], 1 = valid slot.
+
+Inspection: called with `mutable=["intermediates"]`, each Attention sows its head-averaged
+probabilities float32[B, T, S] as `intermediates/.../attn/attn_probs` (a 1-tuple); without
+that collection mutable nothing is computed or stored.
 """
 
 from __future__ import annotations
@@ -86,6 +90,27 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
   return mask, positions.astype(jnp.int32)
 
 
+def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> ct.Array:
+  """The grouped-query attention probabilities (softmax in float32).
+
+  Args:
+    q: float[B, T, H, Dh]; k: float[B, S, Hkv, Dh] with H a multiple of Hkv.
+    mask: bool[B, T, S].
+    scale: multiplies the scores.
+
+  Returns:
+    float32[B, Hkv, H // Hkv, T, S]: head h = kv head h // (H // Hkv), group h % (H // Hkv).
+    A query row with no visible key (a padding query) is uniform over all S keys.
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, h // hkv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
 def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
                           scale: float) -> ct.Array:
   """Grouped-query attention.
@@ -99,12 +124,7 @@ def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
     float[B, T, H, Dh] in q's dtype; softmax in float32.
   """
   b, t, h, d = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, h // hkv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                      preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  probs = attention_probs(q, k, mask, scale).astype(q.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
   return out.reshape(b, t, h, d)
 
@@ -155,6 +175,11 @@ class Attention(nn.Module):
       k, v = kc, vc
     scale = self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
     out = dot_product_attention(q, k, v, mask, scale)
+    if self.is_mutable_collection("intermediates"):
+      # Opt-in inspection (apply(..., mutable=["intermediates"])): the head-averaged
+      # probabilities, float32[B, T, S]; recomputed here so the default path is unchanged.
+      self.sow("intermediates", "attn_probs",
+               attention_probs(q, k, mask, scale).mean(axis=(1, 2)))
     out = nn.with_logical_constraint(out, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
     y = DenseGeneral((e,), (ct.HEADS, ct.KV, ct.EMBED), num_contract=2, use_bias=self.out_bias,
                      name="o", **kw)(out)

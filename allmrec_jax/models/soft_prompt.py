@@ -21,7 +21,8 @@ def splice(embeds: jax.Array, user_pos: jax.Array, user_vec: jax.Array | None,
 
   Args:
     embeds: float[B, L, E] token embeddings.
-    user_pos: int32[B] position of the [U] slot (L = none).
+    user_pos: int32[B] or int32[B, U] positions of the [U] slots (L = none); every slot
+      gets the same vector.
     user_vec: float[B, E] projected user representation, or None (no user token: the
       slot keeps its token embedding — the "w/o user representation" ablation).
     item_pos: int32[B, S] item-slot positions (L = unused).
@@ -35,7 +36,9 @@ def splice(embeds: jax.Array, user_pos: jax.Array, user_vec: jax.Array | None,
     embeds = embeds.at[rows[:, None], item_pos].set(item_vecs.astype(embeds.dtype),
                                                      mode="drop")
   if user_vec is not None:
-    embeds = embeds.at[rows, user_pos].set(user_vec.astype(embeds.dtype), mode="drop")
+    user_pos = user_pos.reshape(b, -1)
+    vec = jnp.broadcast_to(user_vec[:, None], (b, user_pos.shape[1], user_vec.shape[-1]))
+    embeds = embeds.at[rows[:, None], user_pos].set(vec.astype(embeds.dtype), mode="drop")
   return embeds
 
 

@@ -301,8 +301,9 @@ def _truncate_jsonl(path: pathlib.Path, max_epoch: int):
   path.write_text("".join(l + "\n" for l in keep))
 
 
-class _TB:
-  """TensorBoard scalars via tensorboardX (a no-op when it is missing)."""
+class TensorBoard:
+  """TensorBoard scalars via tensorboardX (a no-op when it is missing); `@` in a name
+  becomes `_at_`."""
 
   def __init__(self, logdir: pathlib.Path):
     try:
@@ -315,7 +316,7 @@ class _TB:
     if self.w is not None:
       for k, v in values.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
-          self.w.add_scalar(k, v, step)
+          self.w.add_scalar(k.replace("@", "_at_"), v, step)   # "@" is not a legal TB tag
 
   def close(self):
     if self.w is not None:
@@ -430,7 +431,7 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
                            float(_cf(config, "grad_clip", 0.0) or 0.0), grad_splits(config))
   run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
   evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)))
-  tb = _TB(out_dir / "tb")
+  tb = TensorBoard(out_dir / "tb")
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
   stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
   bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,

@@ -87,6 +87,15 @@ def cf_scores(cf_model, cf_params, es: EvalSet, batch: int = 1024) -> np.ndarray
                          for i in range(0, len(es.users), batch)], 0)
 
 
+def popularity_scores(ds: dataset_lib.RecDataset, es: EvalSet) -> np.ndarray:
+  """float[B, C]: each candidate's number of training interactions (ties broken against
+  the target: the target must be strictly more popular to rank first)."""
+  starts, ends = ds.train_bounds()
+  items = np.concatenate([ds.seq_items[s:e] for s, e in zip(starts, ends)])
+  counts = np.bincount(items, minlength=ds.num_items + 1).astype(np.float64)
+  return counts[es.candidates]
+
+
 def ranking_metrics(scores: np.ndarray, prefix: str, suffix: str = "") -> dict[str, float]:
   return metrics_lib.ranking_metrics(np.asarray(scores, np.float64), RANK_KS, prefix,
                                      suffix=suffix)
@@ -114,6 +123,7 @@ class LLMEvaluator:
     self.repetition_penalty = repetition_penalty
     self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_token_id,)
     self.proj_params = proj_params
+    self.permute_items_seed: int | None = None   # diagnostics: item tokens shuffled
     self.item_table = None if item_table is None else jnp.asarray(item_table, jnp.float32)
     use_user, use_items = use_user and soft, use_items and soft
 
@@ -151,6 +161,8 @@ class LLMEvaluator:
                             task=task).arrays()
     pb["user_rep"] = (np.zeros((len(es.users), 1), np.float32) if user_rep is None
                       else user_rep.astype(np.float32))
+    if self.permute_items_seed is not None:
+      pb["item_ids"] = permute_slots(pb["item_ids"], self.permute_items_seed, es.users)
     return {k: jnp.asarray(v) for k, v in pb.items()}
 
   def _pad(self, es: EvalSet, user_rep):
@@ -172,7 +184,8 @@ class LLMEvaluator:
                               None if user_rep is None else user_rep[i:i + bs])
       batch = self._batch(sub, rep, "recommend")
       if rank:
-        cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates)
+        cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates,
+                                                            soft=self.soft)
         args = (self.proj_params, self.llm_params, self.item_table, batch,
                 jnp.asarray(cont_ids), jnp.asarray(cont_mask))
         # The 20 answers run back to back (no padding between them) in one pass of this
@@ -221,6 +234,63 @@ class LLMEvaluator:
     return texts
 
 
+def permute_slots(item_ids: np.ndarray, seed: int, users: np.ndarray) -> np.ndarray:
+  """int[B, S]: each row's used item slots (id > 0) hold the same items in a seeded random
+  order (keyed by user), so the soft tokens no longer belong to the titles beside them."""
+  out = np.array(item_ids)
+  for b in range(out.shape[0]):
+    used = np.nonzero(out[b] > 0)[0]
+    rng = np.random.default_rng([seed, int(users[b])])
+    out[b, used] = out[b, rng.permutation(used)]
+  return out
+
+
+def target_loss(result: dict[str, Any]) -> float:
+  """Mean over users of the target answer's mean token negative log-likelihood."""
+  return float(-np.mean(result["scores_lnorm"][:, 0]))
+
+
+DIAGNOSTICS = ("user_shuffled", "items_permuted")
+
+
+def soft_token_diagnostics(ev: LLMEvaluator, es: EvalSet, user_rep: np.ndarray, prefix: str,
+                           seed: int, true_metrics: dict[str, float] | None = None,
+                           which: tuple[str, ...] = DIAGNOSTICS) -> dict[str, float]:
+  """Does the model use its soft tokens? Ranking hit@1 / MRR and the target loss with the
+  true inputs, with x_u shuffled across users (one seeded random cycle, so no user keeps
+  its own) and with each prompt's item tokens permuted among its slots.
+
+  `true_metrics` = {"hit@1", "mrr", "loss"} of the same evaluation, when already known
+  (skips that pass); `which` selects the perturbations.
+  """
+  unknown = set(which) - set(DIAGNOSTICS)
+  if unknown:
+    raise ValueError(f"config.eval.diagnostics: unknown {sorted(unknown)}; known: "
+                     f"{list(DIAGNOSTICS)}")
+  n = len(es.users)
+  cycle = np.random.default_rng(seed).permutation(n)
+  perm = np.empty(n, np.int64)
+  perm[cycle] = np.roll(cycle, 1)
+  out = {}
+  runs = [(f"_{w}", user_rep[perm] if w == "user_shuffled" else user_rep,
+           seed if w == "items_permuted" else None) for w in DIAGNOSTICS if w in which]
+  if true_metrics is None:
+    runs.insert(0, ("", user_rep, None))
+  else:
+    out.update({f"{prefix}{k}": float(v) for k, v in true_metrics.items()})
+  for name, rep, permute in runs:
+    ev.permute_items_seed = permute
+    try:
+      res = ev.evaluate(es, rep, generate=False, desc=f"diag{name}")
+    finally:
+      ev.permute_items_seed = None
+    m = ranking_metrics(res["scores"], "")
+    out[f"{prefix}hit@1{name}"] = m["hit@1"]
+    out[f"{prefix}mrr{name}"] = m["mrr"]
+    out[f"{prefix}loss{name}"] = target_loss(res)
+  return out
+
+
 def generation_hits(texts: list[str], target_titles: list[str]) -> np.ndarray:
   """float[B]: 1 where the normalised target title occurs in the normalised text."""
   return np.asarray([float(prompts_lib.normalize_title(t) in prompts_lib.normalize_title(x))
@@ -232,6 +302,7 @@ def llm_metrics(result: dict[str, Any], prefix: str = "test/") -> dict[str, floa
   if "scores" in result:
     out.update(ranking_metrics(result["scores"], prefix))
     out.update(ranking_metrics(result["scores_lnorm"], prefix, suffix="_lnorm"))
+    out[f"{prefix}target_loss"] = target_loss(result)
   if "gen_hit" in result:
     out[f"{prefix}gen_hit@1"] = float(np.mean(result["gen_hit"])) if len(result["gen_hit"]) else 0.0
   return out

@@ -38,24 +38,36 @@ def save_config(config, workdir: pathlib.Path):
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
-def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
-  """The dataset's PromptBuilder for this tokenizer.
+BOS_CHOICES = {"first": "bos_user", "after_user": "user_bos", "none": "user"}
 
-  `cfg.bos`: "auto" = a BOS before [U] exactly when the tokenizer itself prepends one (OPT:
-  the paper's </s>[UserRep]...; SmolLM2: none, so [U] is position 0); "always" / "never".
+
+def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
+  """The dataset's PromptBuilder for this tokenizer and `config.stage2`.
+
+  `cfg.bos`: "first" = a fixed first token, then [U] (no soft token at position 0, the
+  attention sink); "after_user" = [U], then the BOS (the authors' order: `[U]</s> is a
+  user representation...`); "none" = [U] at position 0. The first token is the
+  tokenizer's BOS, or `cfg.first_token` (a token of its vocabulary) when it has none or
+  when that field is set. `cfg.item_slot` / `cfg.user_at_answer`: see `data/prompts.py`.
   """
-  probe = tokenizer("a")["input_ids"]
-  has_bos = tokenizer.bos_token_id is not None
-  choices = {"auto": has_bos and bool(probe) and probe[0] == tokenizer.bos_token_id,
-             "always": has_bos, "never": False}
-  if cfg.bos not in choices:
-    raise ValueError(f"config.stage2.bos={cfg.bos!r}; expected one of {sorted(choices)}")
-  if cfg.bos == "always" and not has_bos:
-    raise ValueError("config.stage2.bos='always' but the tokenizer has no bos_token")
-  add_bos = choices[cfg.bos]
+  if cfg.bos not in BOS_CHOICES:
+    raise ValueError(f"config.stage2.bos={cfg.bos!r}; expected one of {sorted(BOS_CHOICES)}")
+  first = cfg.get("first_token", "") or ""
+  if first:
+    first_id = tokenizer.convert_tokens_to_ids(first)
+    if first_id is None or first_id == tokenizer.unk_token_id:
+      raise ValueError(f"config.stage2.first_token={first!r} is not a token of the "
+                       "tokenizer's vocabulary")
+  else:
+    first_id = tokenizer.bos_token_id
+  if cfg.bos != "none" and first_id is None:
+    raise ValueError(f"config.stage2.bos={cfg.bos!r} but the tokenizer has no BOS; name "
+                     "a first token with config.stage2.first_token")
   builder = prompts_lib.PromptBuilder(
       tokenizer, ds.titles, ds.domain, max_title_tokens=cfg.max_title_tokens,
-      add_bos=add_bos, eos_id=tokenizer.eos_token_id,
+      bos_id=first_id, lead=BOS_CHOICES[cfg.bos],
+      item_slot=cfg.get("item_slot", "after_title"),
+      user_at_answer=cfg.get("user_at_answer", False), eos_id=tokenizer.eos_token_id,
       slot_id=tokenizer.pad_token_id, pad_id=tokenizer.pad_token_id,
       len_bucket=cfg.len_bucket)
   if builder.num_truncated_titles:
@@ -95,16 +107,8 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_params, seq)
   baselines = [b.strip() for b in str(ecfg.baselines).split(",") if b.strip()]
 
-  def train_variant(name, source, use_user=True, use_items=True):
-    table = item_table_for(source, tables, config.seed)
-    params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
-                              builder=builder, user_rep_fn=rep_fn,
-                              item_table=table, name=name, mesh=mesh, rules=rules,
-                              use_user=use_user, use_items=use_items)
-    return params, table
-
   es = eval_lib.make_eval_set(ds, ecfg.split, maxlen=config.data.maxlen,
-                              num_history=cfg.num_history, max_users=ecfg.max_users,
+                              num_history=ecfg.num_history, max_users=ecfg.max_users,
                               seed=config.data.candidate_seed)
   user_rep = rep_fn(es.seq)
   prefix = f"{ecfg.split}/"
@@ -115,6 +119,34 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
                 repetition_penalty=ecfg.repetition_penalty)
   projectors_of = lambda table: projectors_lib.Stage2Projectors(
       table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
+
+  def validation_fn(table, use_user, use_items):
+    """params -> validation ranking metrics on `stage2.eval_users` seeded users."""
+    if not cfg.get("eval_every", 0):
+      return None
+    val = eval_lib.make_eval_set(ds, "valid", maxlen=config.data.maxlen,
+                                 num_history=ecfg.num_history, max_users=cfg.eval_users,
+                                 seed=config.data.candidate_seed)
+    val_rep = rep_fn(val.seq)
+    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), item_table=table,
+                               use_user=use_user, use_items=use_items, **common)
+
+    def run(params):
+      ev.proj_params = params
+      res = ev.evaluate(val, val_rep, generate=False, desc="validate")
+      m = eval_lib.ranking_metrics(res["scores"], "val/")
+      return {"val/hit@1": m["val/hit@1"], "val/hit@5": m["val/hit@5"],
+              "val/mrr": m["val/mrr"], "val/loss": eval_lib.target_loss(res)}
+    return run
+
+  def train_variant(name, source, use_user=True, use_items=True):
+    table = item_table_for(source, tables, config.seed)
+    params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
+                              builder=builder, user_rep_fn=rep_fn,
+                              item_table=table, name=name, mesh=mesh, rules=rules,
+                              use_user=use_user, use_items=use_items,
+                              eval_fn=validation_fn(table, use_user, use_items))
+    return params, table
 
   eval_dir = workdir / "stage2" / "eval"
   eval_dir.mkdir(parents=True, exist_ok=True)
@@ -150,11 +182,29 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   metrics.update(evaluated("allmrec", "A-LLMRec", run_allmrec))
   metrics["eval/users_per_s"] = len(es.users) / metrics["eval/allmrec/seconds"]
 
+  def run_diagnostics(_):
+    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
+                               item_table=table, use_user=cfg.use_user,
+                               use_items=cfg.use_items, **common)
+    known = None
+    if f"{prefix}target_loss" in metrics:   # the A-LLMRec evaluation above: no third pass
+      known = {k: metrics[f"{prefix}{m}"] for k, m in (("hit@1", "hit@1"), ("mrr", "mrr"),
+                                                        ("loss", "target_loss"))}
+    return {}, eval_lib.soft_token_diagnostics(ev, es, user_rep, f"diag/{prefix}",
+                                               seed=config.seed, true_metrics=known,
+                                               which=diagnostics)
+  diagnostics = tuple(d.strip() for d in str(ecfg.get("diagnostics", "")).split(",")
+                      if d.strip())
+  if diagnostics:
+    metrics.update(evaluated("diagnostics", "diagnostics", run_diagnostics))
+
   for name in baselines:
     bp = f"baselines/{name}/{prefix}"
     if name == "cf":
       metrics.update(eval_lib.ranking_metrics(
           eval_lib.cf_scores(cf_model, cf_params, es), bp))
+    elif name == "popularity":
+      metrics.update(eval_lib.ranking_metrics(eval_lib.popularity_scores(ds, es), bp))
     elif name == "llm_only":
       def run_llm_only(_):
         r = eval_lib.LLMEvaluator(soft=False, **common).evaluate(es, None, desc="eval LLM-Only")
@@ -171,7 +221,7 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
                                prepare=lambda: train_variant("stage2_mlp_llm", "cf")))
     else:
       raise ValueError(f"config.eval.baselines: unknown baseline {name!r}; known: "
-                       "cf, llm_only, mlp_llm")
+                       "cf, popularity, llm_only, mlp_llm")
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
   write_results(workdir / "results.md", metrics, baselines, prefix, es, builder, ds,
@@ -181,7 +231,8 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
 
 def results_table(metrics: dict, baselines: list[str], prefix: str) -> str:
   keys = ["hit@1", "hit@3", "hit@5", "ndcg@5", "ndcg@10", "mrr", "hit@1_lnorm", "gen_hit@1"]
-  rows = [("A-LLMRec", "")] + [({"cf": "CF backbone", "llm_only": "LLM-Only",
+  rows = [("A-LLMRec", "")] + [({"cf": "CF backbone", "popularity": "popularity count",
+                                  "llm_only": "LLM-Only",
                                   "mlp_llm": "MLP-LLM"}.get(b, b), f"baselines/{b}/")
                                  for b in baselines]
   lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -196,6 +247,18 @@ def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, d
                   num_examples: int):
   parts = [f"# A-LLMRec results ({ds.name}, {int(metrics['eval/num_users'])} users, "
            f"20 candidates)", "", results_table(metrics, baselines, prefix), ""]
+  diag = f"diag/{prefix}"
+  if f"{diag}hit@1" in metrics:
+    parts += ["## Does A-LLMRec use its soft tokens? (ranking, same users)", "",
+              "| input | hit@1 | MRR | target loss |", "|---|---|---|---|"]
+    for label, suffix in (("true", ""), ("x_u shuffled across users", "_user_shuffled"),
+                          ("item tokens permuted", "_items_permuted")):
+      if diag + "hit@1" + suffix not in metrics:
+        continue
+      parts.append(f"| {label} | {metrics[diag + 'hit@1' + suffix]:.4f} | "
+                   f"{metrics[diag + 'mrr' + suffix]:.4f} | "
+                   f"{metrics[diag + 'loss' + suffix]:.4f} |")
+    parts.append("")
   for name, res in examples.items():
     if not res.get("texts"):
       continue

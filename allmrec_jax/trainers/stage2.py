@@ -35,6 +35,7 @@ from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
+from allmrec_jax.trainers import cf as cf_lib
 
 PyTree = ct.PyTree
 
@@ -231,11 +232,57 @@ def _jsonl(path: pathlib.Path, row: dict):
     f.write(json.dumps(row) + "\n")
 
 
+def _truncate_jsonl(path: pathlib.Path, step: int):
+  """Keeps the rows of steps <= `step` (a resumed run replays the steps after it)."""
+  if not path.exists():
+    return
+  rows = [r for r in path.read_text().splitlines() if r.strip()]
+  keep = [r for r in rows if json.loads(r)["step"] <= step]
+  if len(keep) != len(rows):
+    path.write_text("".join(r + "\n" for r in keep))
+
+
+def read_curve(path: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """{metric: [(step, value)]} of a metrics.jsonl."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      if line.strip():
+        row = json.loads(line)
+        for k, v in row.items():
+          if k not in ("step", "epoch") and isinstance(v, (int, float)):
+            out.setdefault(k, []).append((int(row["step"]), float(v)))
+  return out
+
+
+def plot_learning_curve(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str):
+  """Training loss (mean of each logged window) and validation hit@1 against the step."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  curve = read_curve(metrics_path)
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+  if "train/loss" in curve:
+    st, v = zip(*curve["train/loss"])
+    ax[0].plot(st, v, lw=0.8)
+  ax[0].set(xlabel="step", ylabel="train loss (target tokens)", title=title)
+  for k in sorted(curve):
+    if k.startswith("val/") and "hit@1" in k:
+      st, v = zip(*curve[k])
+      ax[1].plot(st, v, marker="o", ms=3, label=k)
+  if any(k.startswith("val/") for k in curve):
+    ax[1].legend(fontsize=8)
+  ax[1].set(xlabel="step", ylabel="validation hit@1 (20 candidates)")
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)
+
+
 def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm, llm_params,
           builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
           name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
           use_items: bool = True, users: np.ndarray | None = None,
-          restore_only: bool = False) -> PyTree:
+          restore_only: bool = False, eval_fn=None) -> PyTree:
   """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params.
 
   With `restore_only`, a run whose checkpoint has not reached the configured number of
@@ -248,6 +295,9 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
     builder: the PromptBuilder of `ds`.
     user_rep_fn: seq int32[X, maxlen] -> float32[X, D] (the frozen CF model).
     item_table: float[N+1, K] fed to F_I (joint embeddings; CF table for MLP-LLM).
+    eval_fn: params -> {name: float}, run every `config.stage2.eval_every` steps and at
+      the last step (validation ranking); its values go to metrics.jsonl and TensorBoard,
+      and the curve to `<name>/learning_curve.png`.
   """
   from allmrec_jax import checkpointing  # pylint: disable=import-outside-toplevel
   cfg = config.stage2
@@ -286,6 +336,22 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   if restore_only and step < max_steps:
     raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
                      "finished run for this config (pass the run's own --config.* overrides)")
+  _truncate_jsonl(out_dir / "metrics.jsonl", step)   # drop rows past the restored step
+  tb = cf_lib.TensorBoard(out_dir / "tb")
+  eval_every = int(cfg.get("eval_every", 0) or 0) if eval_fn is not None else 0
+
+  def run_eval(at_step: int):
+    t0 = time.perf_counter()
+    m = {k: float(v) for k, v in eval_fn(jax.device_get(state["params"])).items()}
+    m["val/seconds"] = time.perf_counter() - t0
+    _jsonl(out_dir / "metrics.jsonl", {"step": at_step, "epoch": epoch, **m})
+    tb.scalars(at_step, m)
+    plot_learning_curve(out_dir / "metrics.jsonl", out_dir / "learning_curve.png", name)
+    logging.info("%s step %d: %s", name, at_step, m)
+
+  done_evals = {st for st, _ in read_curve(out_dir / "metrics.jsonl").get("val/hit@1", [])}
+  if eval_every and step == 0 and 0 not in done_evals:
+    run_eval(0)
   bar = tqdm.tqdm(total=max_steps, initial=step, desc=name, dynamic_ncols=True)
   t_last, tok_acc = time.perf_counter(), 0.0
   shard = (jax.process_index(), jax.process_count())
@@ -306,6 +372,9 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
         bar.set_postfix(loss=f"{m['train/loss']:.3f}",
                         tok_s=f"{m['train/nonpad_tokens_per_s']:.0f}")
         _jsonl(out_dir / "metrics.jsonl", {"step": step, "epoch": epoch, **m})
+        tb.scalars(step, m)
+      if eval_every and (step % eval_every == 0 or step == max_steps):
+        run_eval(step)
       last = j + 1 == n_batches
       if step % cfg.ckpt_every == 0 or last or step == max_steps:
         nxt_epoch, nxt_batch = (epoch + 1, 0) if last else (epoch, j + 1)
@@ -319,5 +388,6 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
       continue
     break
   bar.close()
+  tb.close()
   logging.info("%s: %d steps; compiled shapes %s", name, step, sorted(trainer.compiled_shapes))
   return jax.device_get(state["params"])

@@ -56,3 +56,33 @@ def test_all_stages_tiny(tmp_path):
   # A rerun restores every finished stage instead of training again.
   again = pipeline.train_and_evaluate(c, work)
   assert again == metrics
+
+
+@pytest.mark.slow
+def test_long_config_layout_tiny(tmp_path):
+  """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, short
+  training prompts, several positions per user) end to end with validation rankings,
+  the learning curve and the soft-token diagnostics."""
+  from configs import ml100k_long  # pylint: disable=import-outside-toplevel
+  c = ml100k_long.get_config()
+  c.llm.path = str(write_tiny_llama(tmp_path / "llm"))
+  c.cf.num_epochs, c.cf.eval_every = 2, 1
+  c.stage1.max_steps = 2
+  c.stage2.max_steps, c.stage2.ckpt_every, c.stage2.eval_every = 4, 2, 2
+  c.stage2.eval_users = 4
+  c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
+  c.eval.baselines = "cf"
+  work = tmp_path / "run"
+  metrics = pipeline.train_and_evaluate(c, work)
+  rows = [json.loads(l) for l in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
+  val = [r for r in rows if "val/hit@1" in r]
+  assert [r["step"] for r in val] == [0, 2, 4]
+  assert all(0.0 <= r["val/hit@1"] <= 1.0 and np.isfinite(r["val/loss"]) for r in val)
+  assert (work / "stage2" / "learning_curve.png").stat().st_size > 1000
+  for suffix in ("", "_user_shuffled", "_items_permuted"):
+    assert 0.0 <= metrics[f"diag/test/hit@1{suffix}"] <= 1.0
+    assert np.isfinite(metrics[f"diag/test/loss{suffix}"])
+  assert metrics["diag/test/hit@1"] == metrics["test/hit@1"]
+  results = (work / "results.md").read_text()
+  assert "x_u shuffled across users" in results
+  assert '"[CandidateEmb]' in results and '"[UserRep]' in results

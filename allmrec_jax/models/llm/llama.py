@@ -178,6 +178,11 @@ class LlamaDecoder(nn.Module):
     """Runs T tokens; returns (float32[B, T, V] logits or None, {"hidden", "cache"}).
 
     `deterministic` is accepted for a uniform surface (the decoder has no dropout).
+
+    Inspection: applied with `mutable=["intermediates"]`, it also sows `residual`, a tuple
+    of num_layers + 1 float[B, T, E] (the residual stream at each layer's input, then after
+    the last layer, before the final norm), and each layer's `attn/attn_probs`
+    (layers/attention.py); the outputs are unchanged.
     """
     del deterministic
     c = self.config
@@ -192,8 +197,10 @@ class LlamaDecoder(nn.Module):
     end = None if cache is None else cache["end"]
     new_layers = []
     for i, layer in enumerate(self.layers):
+      self.sow("intermediates", "residual", x)   # no-op unless mutable
       x, lc = layer(x, mask, cos_sin, None if cache is None else cache["layers"][i], end)
       new_layers.append(lc)
+    self.sow("intermediates", "residual", x)
     x = self.final_norm(x)
     new_cache = None if cache is None else {"layers": tuple(new_layers), "end": end + t}
     logits = self.logits(x) if compute_logits else None

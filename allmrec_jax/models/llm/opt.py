@@ -164,6 +164,11 @@ class OPTDecoder(nn.Module):
 
     positions are 0-based (the offset of 2 is added here); `deterministic` is accepted for a
     uniform surface (the frozen decoder runs without dropout).
+
+    Inspection: applied with `mutable=["intermediates"]`, it also sows `residual`, a tuple
+    of num_layers + 1 float[B, T, E] (the residual stream at each layer's input, then after
+    the last layer, before the final norm), and each layer's `attn/attn_probs`
+    (layers/attention.py); the outputs are unchanged.
     """
     del deterministic
     c = self.config
@@ -180,8 +185,10 @@ class OPTDecoder(nn.Module):
     end = None if cache is None else cache["end"]
     new_layers = []
     for i, layer in enumerate(self.layers):
+      self.sow("intermediates", "residual", x)   # no-op unless mutable
       x, lc = layer(x, mask, None, None if cache is None else cache["layers"][i], end)
       new_layers.append(lc)
+    self.sow("intermediates", "residual", x)
     if c.final_layer_norm:
       x = self.final_norm(x)
     new_cache = None if cache is None else {"layers": tuple(new_layers), "end": end + t}

@@ -1,0 +1,326 @@
+r"""Stage 2 on one GPU: the oracle user token vs the method, BOS first vs the authors' order.
+
+What it measures. Each arm trains fresh stage-2 projectors (the same initialisation, the
+same batches, Adam at config.stage2.lr) on the faithful training prompts (20 candidates,
+10 history items) for up to --steps steps, and ranks the 20 stored validation candidates of
+--eval_users seeded users by likelihood (no generation) before training, every
+--eval_every steps and at the end. Arms:
+
+  oracle             [UserRep] carries the CF item embedding of the example's own target
+                     (training and evaluation; as probe_stage2.py --user=oracle), prompt
+                     start config.stage2.bos="first". The answer is written in the soft
+                     tokens: this measures whether the frozen LLM learns, within the
+                     budget, to read it from the [UserRep] / [CandidateEmb] match.
+  method_bos_first   the method (CF user representation x_u, the stage-1 joint item
+                     table), bos="first": a fixed first token, then [U].
+  method_user_first  the method with bos="after_user": [U], then the BOS (the authors'
+                     order, the soft token at position 0).
+
+The prompt layout fields config.stage2.item_slot / config.stage2.user_at_answer are taken
+from the config as given. Writes one JSON line per arm to --out (the file is rewritten;
+each line is written when its arm ends) and prints it: arm, steps_done, batch_size, bos,
+item_slot, user_at_answer, lr, before/after hit@1/hit@5/mrr, curve [[step, hit@1], ...],
+the mean loss of the first and last 20 steps, seconds (the arm's wall time, compiles
+included) and the accelerator's device_kind.
+
+Time budget. --time_budget_s counts from the start of main() (loading the data, models and
+checkpoints included, the Python imports not). Each arm
+gets the budget still left divided by the arms still to run, and stops training (after at
+least one step) once the end of its share, less the duration of the latest ranking (the
+estimate of its final ranking), is reached; steps_done and stopped_by_budget say what
+happened. With the defaults the whole script is meant to end within 8 minutes on one GPU.
+The first arm also pays the compiles (one trainer and one evaluator serve all arms).
+
+Run (one GPU):
+
+  ALLMREC_CACHE=/path/to/allmrec_jax_cache python scripts/gpu_stage2_arms.py \
+      --config=configs/ml100k.py --workdir=runs/ml100k --out=/tmp/arms.jsonl
+
+  options: --arms=oracle,method_bos_first,method_user_first --steps=1200 --batch_size=32
+  --eval_every=300 --eval_users=200 --time_budget_s=420, and any config field, e.g.
+  --config.stage2.item_slot=in_quotes --config.stage2.user_at_answer=True.
+
+WORKDIR should hold a finished cf/ and stage1/ (then it is only read); when either is
+missing the script first trains both there with pipeline.train_and_evaluate
+(config.stages="cf,stage1"), which takes longer than the budget above.
+
+The device machine. It receives only the repository's files plus at most 64 MiB of
+carried paths. The offline assets this script loads do not fit in that: the LLM
+(SmolLM2-135M-Instruct Q4_1 GGUF, 98 MB) and the SBERT (all-MiniLM-L6-v2, 88 MB, loaded
+with the stage-1 checkpoint) live under ~/.cache/allmrec_jax, and neither can be
+downloaded there (no network). Neither can a finished run folder travel: its stage1/
+checkpoint holds the fine-tuned SBERT and its Adam state (runs/ml100k/stage1 is 162 MB).
+Running this script on that machine therefore needs the assets already present on it,
+with ALLMREC_CACHE pointing at them (or ALLMREC_SMOLLM2_135M_PATH /
+ALLMREC_ALL_MINILM_L6_V2_PATH, or --config.llm.path / --config.sbert.path), and a WORKDIR
+with cf/ and stage1/ there. Its Python image also lacks some of this project's
+requirements (ml-collections, grain, gguf, tensorboardX in its last package list); those
+travel as wheels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
+from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
+from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
+flags.DEFINE_string("workdir", None, "a run folder with finished cf/ and stage1/ (trained "
+                    "first when missing)", required=True)
+flags.DEFINE_string("out", None, "JSONL output, one line per arm (rewritten)",
+                    required=True)
+flags.DEFINE_list("arms", ["oracle", "method_bos_first", "method_user_first"],
+                  "arms to run, in order")
+flags.DEFINE_integer("steps", 1200, "training steps per arm (at most)")
+flags.DEFINE_integer("batch_size", 32, "training batch size (overrides stage2.batch_size)")
+flags.DEFINE_integer("eval_every", 300, "rank the validation users every this many steps "
+                     "(0 = before and after only)")
+flags.DEFINE_integer("eval_users", 200, "seeded validation users ranked")
+flags.DEFINE_float("time_budget_s", 420.0, "seconds from the script's start; split across "
+                   "the arms still to run")
+
+TRAIN_CANDIDATES = 20   # the paper's training prompts
+TRAIN_HISTORY = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+  user: str   # "oracle": CF item embedding of the target; "cf": the CF user representation
+  bos: str    # config.stage2.bos
+
+
+ARMS: dict[str, ArmSpec] = {
+    "oracle": ArmSpec(user="oracle", bos="first"),
+    "method_bos_first": ArmSpec(user="cf", bos="first"),
+    "method_user_first": ArmSpec(user="cf", bos="after_user"),
+}
+
+
+def digest(a: np.ndarray) -> str:
+  """A short content hash of an array (equal arrays, equal digests)."""
+  a = np.ascontiguousarray(a)
+  return hashlib.sha1(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()
+                      ).hexdigest()[:12]
+
+
+def ensure_cf_stage1(config, workdir: pathlib.Path) -> bool:
+  """Trains cf/ and stage1/ in `workdir` unless both are finished; True if it trained."""
+  if ((workdir / "cf" / cf_lib.FINISHED).exists()
+      and (workdir / "stage1" / "finished.json").exists()):
+    return False
+  c = config.copy_and_resolve_references()
+  c.stages = "cf,stage1"
+  logging.info("%s lacks a finished cf/ or stage1/: training them", workdir)
+  pipeline.train_and_evaluate(c, workdir)
+  return True
+
+
+def stage2_config(config, bos: str, batch_size: int):
+  """config.stage2 of one arm: the given layout, the faithful training prompts."""
+  cfg = config.stage2.copy_and_resolve_references()
+  cfg.bos = bos
+  cfg.batch_size = batch_size
+  cfg.num_candidates = TRAIN_CANDIDATES
+  cfg.num_history = TRAIN_HISTORY
+  return cfg
+
+
+def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: str,
+             steps: int, batch_size: int, eval_every: int, eval_users: int,
+             time_budget_s: float, start_time: float | None = None,
+             emit: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Runs `arms` in order; writes and emits one JSON line per arm; returns the rows."""
+  t_start = time.time() if start_time is None else start_time
+  unknown = [a for a in arms if a not in ARMS]
+  if unknown or not arms:
+    raise ValueError(f"--arms: unknown {unknown}; known: {list(ARMS)}")
+  if steps < 1 or batch_size < 1:
+    raise ValueError("--steps and --batch_size must be >= 1")
+  if config.asset_cache_dir:
+    os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
+  workdir = pathlib.Path(workdir).expanduser()
+  trained_stages = ensure_cf_stage1(config, workdir)
+
+  # Shared by every arm: data, frozen CF model, item tables, LLM, examples, eval users.
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  cf_vars = {"params": cf_params}
+  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  table = pipeline.item_table_for(config.stage2.item_source, tables, config.seed)
+  cf_table = tables["cf"]
+  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
+                                remat=config.llm.remat,
+                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+  llm, llm_params = loaded.module, {"params": loaded.params}
+  ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=TRAIN_HISTORY,
+                                    positions_per_user=config.stage2.positions_per_user)
+  es = eval_lib.make_eval_set(ds, "valid", maxlen=config.data.maxlen,
+                              num_history=config.eval.num_history, max_users=eval_users,
+                              seed=config.data.candidate_seed)
+  reps: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # user kind -> (train, eval) x_u
+  for kind in {ARMS[a].user for a in arms}:
+    if kind == "oracle":
+      reps[kind] = (cf_table[ex.targets], cf_table[es.targets])
+    else:
+      reps[kind] = (stage2_lib.user_representations(cf_model, cf_vars, ex.seq),
+                    stage2_lib.user_representations(cf_model, cf_vars, es.seq))
+  index = pipelines.train_exclusion_index(ds)
+  device_kind = jax.devices()[0].device_kind
+  setup_s = time.time() - t_start
+  logging.info("setup %.1fs (cf/stage1 trained here: %s); %d examples, %d eval users, %s",
+               setup_s, trained_stages, len(ex.users), len(es.users), device_kind)
+
+  # One trainer and one evaluator per x_u width: their jitted programs (and compiles)
+  # serve every arm; an arm brings its own params, prompt builder and x_u.
+  cfg0 = stage2_config(config, "first", batch_size)
+  shared: dict[int, tuple[Any, Any, Any]] = {}
+
+  def machinery(user_dim: int):
+    if user_dim not in shared:
+      proj = projectors_lib.Stage2Projectors(table.shape[1], user_dim,
+                                             loaded.config.hidden_size)
+      trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
+                                         item_table=table,
+                                         optimizer=stage2_lib.make_optimizer(cfg0))
+      ev = eval_lib.LLMEvaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer,
+                                 builder=None, titles=ds.titles, projectors=proj,
+                                 item_table=table, batch_size=config.eval.batch_size)
+      shared[user_dim] = (proj, trainer, ev)
+    return shared[user_dim]
+
+  last_rank_s = [0.0]
+
+  def rank(ev, builder, params, eval_rep) -> dict[str, float]:
+    t = time.time()
+    ev.builder, ev.proj_params = builder, params
+    res = ev.evaluate(es, eval_rep, generate=False, desc="rank")
+    m = eval_lib.ranking_metrics(res["scores"], "")
+    last_rank_s[0] = time.time() - t
+    return {k: round(float(m[k]), 4) for k in ("hit@1", "hit@5", "mrr")}
+
+  out_file = pathlib.Path(out_path).expanduser()
+  out_file.parent.mkdir(parents=True, exist_ok=True)
+  out_file.write_text("")
+  rows = []
+  for i, name in enumerate(arms):
+    spec = ARMS[name]
+    t_arm = time.time()
+    deadline = t_arm + (t_start + time_budget_s - t_arm) / (len(arms) - i)
+    cfg = stage2_config(config, spec.bos, batch_size)
+    builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
+    train_rep, eval_rep = reps[spec.user]
+    proj, trainer, ev = machinery(train_rep.shape[1])
+    params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed),
+                                         table.shape[1], train_rep.shape[1])
+    state = trainer.init_state(params0)
+    before = rank(ev, builder, params0, eval_rep)
+    curve = [[0, before["hit@1"]]]
+    latest = (0, before)
+    losses: list[float] = []
+    pending = None        # the loss of the step in flight (read one step late)
+    step, epoch, stopped = 0, 0, False
+    while step < steps and not stopped:
+      batches = stage2_lib.iterate_batches(ex, train_rep, builder, ds, index,
+                                           batch_size=batch_size,
+                                           num_candidates=TRAIN_CANDIDATES,
+                                           seed=config.seed, epoch=epoch)
+      n_before = step
+      for _, arrays in batches:
+        state, metrics = trainer.step(state, arrays)
+        step += 1
+        if pending is not None:
+          losses.append(float(pending))
+        pending = metrics["train/loss"]
+        if step % 100 == 0:
+          logging.info("%s step %d loss(last 20) %.4f %.0fs", name, step,
+                       np.mean(losses[-20:]), time.time() - t_arm)
+        if eval_every and step % eval_every == 0 and step < steps:
+          losses.append(float(pending))
+          pending = None
+          latest = (step, rank(ev, builder, jax.device_get(state["params"]), eval_rep))
+          curve.append([step, latest[1]["hit@1"]])
+        if step >= steps:
+          break
+        if time.time() + last_rank_s[0] >= deadline:
+          stopped = True
+          break
+      if step == n_before:
+        raise ValueError(f"no training batch: {len(ex.users)} examples < batch size "
+                         f"{batch_size}")
+      epoch += 1
+    if pending is not None:
+      losses.append(float(pending))
+    if latest[0] == step:
+      after = latest[1]
+    else:
+      after = rank(ev, builder, jax.device_get(state["params"]), eval_rep)
+      curve.append([step, after["hit@1"]])
+    row = {"arm": name, "user": spec.user, "steps_requested": steps, "steps_done": step,
+           "stopped_by_budget": stopped, "batch_size": batch_size, "bos": cfg.bos,
+           "item_slot": cfg.get("item_slot", "after_title"),
+           "user_at_answer": bool(cfg.get("user_at_answer", False)), "lr": cfg.lr,
+           "train_candidates": TRAIN_CANDIDATES, "train_history": TRAIN_HISTORY,
+           "positions_per_user": cfg.positions_per_user,
+           "eval_split": "valid", "eval_users": len(es.users),
+           "eval_users_digest": digest(es.users), "user_rep_digest": digest(eval_rep),
+           "before": before, "after": after, "curve": curve,
+           "loss_first20": round(float(np.mean(losses[:20])), 4),
+           "loss_last20": round(float(np.mean(losses[-20:])), 4),
+           "seconds": round(time.time() - t_arm, 1), "setup_seconds": round(setup_s, 1),
+           "device_kind": device_kind, "workdir": str(workdir)}
+    line = json.dumps(row)
+    with open(out_file, "a") as f:
+      f.write(line + "\n")
+    emit(line)
+    rows.append(row)
+  return rows
+
+
+class _QuietLibraries:
+  """Drops INFO records of chatty libraries (orbax logs every save/restore at INFO)."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  t_start = time.time()
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError("--config is required")
+  run_arms(config, FLAGS.workdir, [a.strip() for a in FLAGS.arms if a.strip()],
+           out_path=FLAGS.out, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+           eval_every=FLAGS.eval_every, eval_users=FLAGS.eval_users,
+           time_budget_s=FLAGS.time_budget_s, start_time=t_start,
+           emit=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

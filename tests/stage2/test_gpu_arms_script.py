@@ -1,0 +1,167 @@
+"""scripts/gpu_stage2_arms.py on a CPU with tiny settings: real MovieLens-100K, a tiny random
+Llama (the real SmolLM2 tokenizer), a tiny random SBERT; the script trains cf/ and stage1/
+of an empty run folder itself, then runs its three arms."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from allmrec_jax import assets
+from allmrec_jax.data import prepare
+from allmrec_jax.trainers import cf as cf_lib
+from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import stage1 as stage1_lib
+from allmrec_jax.weights import llm as llm_weights
+from configs import ml100k
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_stage2_arms.py"
+ARMS = ["oracle", "method_bos_first", "method_user_first"]
+EVAL_USERS = 4
+
+# Tiny cf/stage1 (one epoch / one step) and one prompt-length bucket (one compile).
+OVERRIDES = {"cf.hidden_dim": 12, "cf.num_blocks": 1, "cf.num_epochs": 1, "cf.eval_every": 1,
+             "cf.progress": False, "cf.grad_splits": 1, "sbert.max_len": 24,
+             "stage1.max_steps": 1, "stage1.freeze_sbert": True, "stage1.latent_dim": 8,
+             "stage1.batch_size": 8, "stage2.len_bucket": 1024, "eval.batch_size": 4}
+
+
+def _write_tiny_sbert(path: pathlib.Path) -> pathlib.Path:
+  """tests/stage1/conftest.py's tiny SBERT folder (loaded by path: conftest is no module)."""
+  spec = importlib.util.spec_from_file_location("stage1_fixtures",
+                                                ROOT / "tests" / "stage1" / "conftest.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.write_tiny_sbert(path)
+
+
+def _write_tiny_llama(path: pathlib.Path, hidden: int = 16, inter: int = 32,
+                      layers: int = 1, heads: int = 2, kv_heads: int = 1) -> pathlib.Path:
+  """A tiny random Llama as a Hugging Face folder with the real SmolLM2 tokenizer (as
+  test_pipeline_e2e.write_tiny_llama, written with numpy: no torch import)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  gguf = assets.get_asset("smollm2-135m")
+  tok = llm_weights._load_tokenizer(gguf.parent, gguf.name)  # pylint: disable=protected-access
+  path.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  head_dim = hidden // heads
+
+  def w(*shape):
+    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
+
+  t = {"model.embed_tokens.weight": w(len(tok), hidden),
+       "model.norm.weight": np.ones(hidden, np.float32)}
+  for i in range(layers):
+    p = f"model.layers.{i}."
+    t[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
+    t[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
+    t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
+    t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
+    t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
+    t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
+    t[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+    t[p + "mlp.up_proj.weight"] = w(inter, hidden)
+    t[p + "mlp.down_proj.weight"] = w(hidden, inter)
+  save_file(t, str(path / "model.safetensors"))
+  (path / "config.json").write_text(json.dumps({
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+      "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": inter,
+      "num_hidden_layers": layers, "num_attention_heads": heads,
+      "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu",
+      "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+      "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id,
+      "eos_token_id": tok.eos_token_id}))
+  tok.save_pretrained(str(path))
+  return path
+
+
+def _digest(a: np.ndarray) -> str:
+  """The script's `user_rep_digest` / `eval_users_digest` of an array."""
+  a = np.ascontiguousarray(a)
+  return hashlib.sha1(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()
+                      ).hexdigest()[:12]
+
+
+def _run(assets_dir: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path, *flags_):
+  overrides = {**OVERRIDES, "llm.path": assets_dir / "llm", "sbert.path": assets_dir / "sbert"}
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)   # one CPU device, as on the single GPU
+  cmd = [sys.executable, str(SCRIPT), "--config=configs/ml100k.py", f"--workdir={workdir}",
+         f"--out={out}", *flags_] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+                     check=False)
+  assert p.returncode == 0, p.stderr[-4000:]
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  printed = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+  assert printed == lines
+  return lines
+
+
+@pytest.fixture(scope="module")
+def arms_run(tmp_path_factory):
+  base = tmp_path_factory.mktemp("gpu_arms")
+  _write_tiny_llama(base / "llm")
+  _write_tiny_sbert(base / "sbert")
+  workdir = base / "run"       # empty: the script trains cf/ and stage1/ first
+  lines = _run(base, workdir, base / "arms.jsonl", "--arms=" + ",".join(ARMS), "--steps=3",
+               "--batch_size=2", "--eval_every=2", f"--eval_users={EVAL_USERS}",
+               "--time_budget_s=100000")
+  return base, workdir, lines
+
+
+def test_one_line_per_arm_with_metrics(arms_run):
+  _, workdir, lines = arms_run
+  assert (workdir / "cf" / cf_lib.FINISHED).is_file()
+  assert (workdir / "stage1" / "finished.json").is_file()
+  assert [r["arm"] for r in lines] == ARMS
+  bos = {"oracle": "first", "method_bos_first": "first", "method_user_first": "after_user"}
+  for r in lines:
+    assert r["steps_done"] == r["steps_requested"] == 3 and not r["stopped_by_budget"]
+    assert r["batch_size"] == 2 and r["bos"] == bos[r["arm"]]
+    assert r["item_slot"] == "after_title" and r["user_at_answer"] is False
+    assert r["train_candidates"] == 20 and r["train_history"] == 10
+    assert r["lr"] == ml100k.get_config().stage2.lr
+    assert r["eval_users"] == EVAL_USERS and r["device_kind"] == jax.devices()[0].device_kind
+    for when in ("before", "after"):
+      m = r[when]
+      assert 0.0 <= m["hit@1"] <= m["hit@5"] <= 1.0, (r["arm"], when)
+      assert 0.0 < m["mrr"] <= 1.0
+    assert [s for s, _ in r["curve"]] == [0, 2, 3]
+    assert all(0.0 <= h <= 1.0 for _, h in r["curve"])
+    assert r["curve"][0][1] == r["before"]["hit@1"] and r["curve"][-1][1] == r["after"]["hit@1"]
+    assert 0.0 < r["loss_first20"] < 100 and 0.0 < r["loss_last20"] < 100
+    assert r["seconds"] > 0
+  # Every arm is ranked on the same validation users.
+  assert len({r["eval_users_digest"] for r in lines}) == 1
+
+
+def test_oracle_user_token_is_the_targets_cf_embedding(arms_run):
+  base, workdir, lines = arms_run
+  by_arm = {r["arm"]: r for r in lines}
+  c = ml100k.get_config()
+  for k, v in {**OVERRIDES, "sbert.path": str(base / "sbert")}.items():
+    section, field = k.split(".")
+    c[section][field] = v
+  ds = prepare.prepare_dataset(c.data)
+  es = eval_lib.make_eval_set(ds, "valid", maxlen=c.data.maxlen,
+                              num_history=c.eval.num_history, max_users=EVAL_USERS,
+                              seed=c.data.candidate_seed)
+  assert by_arm["oracle"]["eval_users_digest"] == _digest(es.users)
+  cf_model, cf_params = cf_lib.load_trained_cf(c, workdir, ds)
+  cf_table = np.asarray(stage1_lib.cf_item_table(cf_model, {"params": cf_params}), np.float32)
+  assert by_arm["oracle"]["user_rep_digest"] == _digest(cf_table[es.targets])
+  # The two method arms share x_u (the CF user representation), which is not the oracle's.
+  assert by_arm["method_bos_first"]["user_rep_digest"] == \
+      by_arm["method_user_first"]["user_rep_digest"]
+  assert by_arm["method_bos_first"]["user_rep_digest"] != by_arm["oracle"]["user_rep_digest"]
+
