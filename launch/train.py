@@ -18,6 +18,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from allmrec_jax import logging_utils
 from allmrec_jax.trainers import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
@@ -26,17 +27,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops INFO records of chatty libraries (orbax logs every save/restore at INFO)."""
-
-  def filter(self, record):
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging_utils.quiet_libraries()
   if os.environ.get("ALLMREC_DISTRIBUTED"):
     jax.distributed.initialize()
   logging.info("JAX devices: %s", jax.devices())

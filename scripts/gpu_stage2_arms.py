@@ -78,6 +78,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from allmrec_jax import logging_utils  # pylint: disable=wrong-import-position
 from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
 from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
@@ -300,17 +301,10 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   return rows
 
 
-class _QuietLibraries:
-  """Drops INFO records of chatty libraries (orbax logs every save/restore at INFO)."""
-
-  def filter(self, record):
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging_utils.quiet_libraries()
   t_start = time.time()
   config = FLAGS.config
   if config is None:
