@@ -256,7 +256,8 @@ def read_curve(path: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_learning_curve(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str):
-  """Training loss (mean of each logged window) and validation hit@1 against the step."""
+  """The logged training loss (one step every log_every) and validation hit@1 against
+  the step."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
