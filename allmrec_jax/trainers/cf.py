@@ -41,6 +41,7 @@ import optax
 
 from allmrec_jax import checkpointing
 from allmrec_jax import common_types as ct
+from allmrec_jax import logging_utils
 from allmrec_jax import losses
 from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import sharding
@@ -301,28 +302,6 @@ def _truncate_jsonl(path: pathlib.Path, max_epoch: int):
   path.write_text("".join(l + "\n" for l in keep))
 
 
-class TensorBoard:
-  """TensorBoard scalars via tensorboardX (a no-op when it is missing); `@` in a name
-  becomes `_at_`."""
-
-  def __init__(self, logdir: pathlib.Path):
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.w = SummaryWriter(str(logdir))
-    except ImportError:
-      self.w = None
-
-  def scalars(self, step: int, values: dict[str, float]):
-    if self.w is not None:
-      for k, v in values.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          self.w.add_scalar(k.replace("@", "_at_"), v, step)   # "@" is not a legal TB tag
-
-  def close(self):
-    if self.w is not None:
-      self.w.close()
-
-
 def _get_dataset(config, dataset):
   if dataset is not None:
     return dataset
@@ -431,7 +410,7 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
                            float(_cf(config, "grad_clip", 0.0) or 0.0), grad_splits(config))
   run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
   evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)))
-  tb = TensorBoard(out_dir / "tb")
+  tb = logging_utils.TensorBoard(out_dir / "tb")
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
   stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
   bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,

@@ -28,6 +28,7 @@ import optax
 import tqdm
 
 from allmrec_jax import common_types as ct
+from allmrec_jax import logging_utils
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
@@ -35,7 +36,6 @@ from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
-from allmrec_jax.trainers import cf as cf_lib
 
 PyTree = ct.PyTree
 
@@ -338,7 +338,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
     raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
                      "finished run for this config (pass the run's own --config.* overrides)")
   _truncate_jsonl(out_dir / "metrics.jsonl", step)   # drop rows past the restored step
-  tb = cf_lib.TensorBoard(out_dir / "tb")
+  tb = logging_utils.TensorBoard(out_dir / "tb")
   eval_every = int(cfg.get("eval_every", 0) or 0) if eval_fn is not None else 0
 
   def run_eval(at_step: int):
