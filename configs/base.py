@@ -144,6 +144,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.log_every = 10         # steps between metric lines
   c.stage2.ckpt_every = 100       # steps between checkpoints (and at every epoch end)
   c.stage2.item_source = "joint"  # F_I input: joint (paper) | text (A-LLMRec SBERT) | cf (MLP-LLM) | random
+  c.stage2.item_standardize = False  # True: F_I's input table standardised per column over the
+                                  #   items (an affine map F_I's first Linear can represent; the
+                                  #   paper feeds the raw sigmoid codes, which on ML-100K sit in a
+                                  #   band of std 0.033 so that F_I starts with near-identical
+                                  #   item tokens; docs/results.md)
+  c.stage2.user_match_weight = 0.0   # > 0 adds w x InfoNCE(cos(F_U(x_u), F_I(candidates)) / T)
+                                  #   with the target as the positive (beyond the paper, whose
+                                  #   stage 2 trains with the LM loss only; docs/results.md)
+  c.stage2.user_match_temperature = 0.1  # T of that InfoNCE
   c.stage2.use_user = True        # False = the "w/o user representation" ablation
   c.stage2.use_items = True       # False = the "w/o joint embeddings" ablation
 

@@ -12,6 +12,11 @@ experiments behind them):
   stage2.user_at_answer = True     (paper: False)  the answer opens `... is "[U]`, so the
                           frozen LM's copy heads can match [U] to a candidate's [C] and
                           copy the title after it
+  stage2.item_standardize = True   (paper: False)  F_I's input columns standardised over the
+                          items: the stage-1 joint codes sit in a band of std 0.033 around
+                          0.5 (item-item cosine 0.996), so untrained F_I gives every item
+                          nearly the same token; an affine map F_I's first Linear could
+                          learn, so the function class stays the paper's
   stage2.num_candidates = 5, stage2.num_history = 3  (paper: 20 / 10) shorter TRAINING
                           prompts (evaluation keeps the 20 stored candidates and 10 history
                           items): ~3x more steps per hour here
@@ -37,6 +42,7 @@ def get_config():
   c = ml100k.get_config()
   c.stage2.item_slot = "in_quotes"     # small-LLM deviation (paper: after_title)
   c.stage2.user_at_answer = True       # small-LLM deviation (paper: False)
+  c.stage2.item_standardize = True     # conditioning of F_I's input (paper: False)
   c.stage2.num_candidates = 5          # CPU budget, training prompts only (paper: 20)
   c.stage2.num_history = 3             # CPU budget, training prompts only (paper: 10)
   c.stage2.positions_per_user = 4      # more examples per user (paper: 1)

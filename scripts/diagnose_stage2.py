@@ -61,7 +61,9 @@ def main(argv):
   cf_vars = {"params": cf_params}
   tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
   source = "cf" if FLAGS.name == "stage2_mlp_llm" else config.stage2.item_source
-  table = pipeline.item_table_for(source, tables, config.seed)
+  table = pipeline.item_table_for(
+      source, tables, config.seed,
+      standardize=config.stage2.get("item_standardize", False))
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
                                 matmul_dtype=config.llm.get("matmul_dtype", "") or "")

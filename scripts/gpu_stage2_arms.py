@@ -29,7 +29,8 @@ gets the budget still left divided by the arms still to run, and stops training 
 least one step) once the end of its share, less the duration of the latest ranking (the
 estimate of its final ranking), is reached; steps_done and stopped_by_budget say what
 happened. With the defaults the whole script is meant to end within 8 minutes on one GPU.
-The first arm also pays the compiles (one trainer and one evaluator serve all arms).
+The first arm also pays the compiles (one trainer and one evaluator serve all arms); its
+share counts from the end of its first step, so the later arms share what is left.
 
 Run (one GPU):
 
@@ -44,18 +45,14 @@ WORKDIR should hold a finished cf/ and stage1/ (then it is only read); when eith
 missing the script first trains both there with pipeline.train_and_evaluate
 (config.stages="cf,stage1"), which takes longer than the budget above.
 
-The device machine. It receives only the repository's files plus at most 64 MiB of
-carried paths. The offline assets this script loads do not fit in that: the LLM
-(SmolLM2-135M-Instruct Q4_1 GGUF, 98 MB) and the SBERT (all-MiniLM-L6-v2, 88 MB, loaded
-with the stage-1 checkpoint) live under ~/.cache/allmrec_jax, and neither can be
-downloaded there (no network). Neither can a finished run folder travel: its stage1/
-checkpoint holds the fine-tuned SBERT and its Adam state (runs/ml100k/stage1 is 162 MB).
-Running this script on that machine therefore needs the assets already present on it,
-with ALLMREC_CACHE pointing at them (or ALLMREC_SMOLLM2_135M_PATH /
-ALLMREC_ALL_MINILM_L6_V2_PATH, or --config.llm.path / --config.sbert.path), and a WORKDIR
-with cf/ and stage1/ there. Its Python image also lacks some of this project's
-requirements (ml-collections, grain, gguf, tensorboardX in its last package list); those
-travel as wheels.
+The device machine. It has no network and receives at most 64 MiB per call, while the
+LLM alone (SmolLM2-135M-Instruct Q4_1 GGUF) is 98 MB and stage 1's checkpoint (fine-tuned
+SBERT and Adam state) 162 MB. scripts/device_bundle.sh CONFIG WORKDIR packs what this script
+needs into two ignored folders: the GGUF split in two, the item tables exported with
+--export_tables (then --tables replaces stage 1's checkpoint and SBERT), the cf/ checkpoint,
+the dataset cache and the wheels the GPU image lacks; scripts/device_run.sh reassembles
+and checks the GGUF there and runs this script on the bundle. Two calls back to back, as
+device_bundle.sh says. The results of such runs are in docs/results.md.
 """
 
 from __future__ import annotations
@@ -91,7 +88,7 @@ from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-impo
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "a run folder with finished cf/ and stage1/ (trained "
-                    "first when missing)", required=True)
+                    "first when missing; with --tables only cf/ is needed)", required=True)
 flags.DEFINE_string("out", None, "JSONL output, one line per arm (rewritten)",
                     required=True)
 flags.DEFINE_list("arms", ["oracle", "method_bos_first", "method_user_first"],
@@ -103,6 +100,17 @@ flags.DEFINE_integer("eval_every", 300, "rank the validation users every this ma
 flags.DEFINE_integer("eval_users", 200, "seeded validation users ranked")
 flags.DEFINE_float("time_budget_s", 420.0, "seconds from the script's start; split across "
                    "the arms still to run")
+flags.DEFINE_string("tables", "", "an .npz of the stage-1 item tables (cf, joint) written by "
+                    "--export_tables: stage 1's checkpoint (and SBERT) are then not needed")
+flags.DEFINE_string("export_tables", "", "write WORKDIR's stage-1 item tables to this .npz "
+                    "and exit")
+flags.DEFINE_integer("test_users", 0, "after each method arm, rank this many seeded test "
+                     "users with the true and the shuffled x_u (0 = skip)")
+flags.DEFINE_bool("test_generate", False, "the test pass also generates (generation hit@1)")
+flags.DEFINE_float("test_reserve_s", 0.0, "seconds a method arm stops training early to "
+                   "leave for its test pass (with --test_users)")
+flags.DEFINE_integer("eval_batch_size", 0, "users per LLM evaluation batch (0 = "
+                     "config.eval.batch_size)")
 
 TRAIN_CANDIDATES = 20   # the paper's training prompts
 TRAIN_HISTORY = 10
@@ -128,10 +136,38 @@ def digest(a: np.ndarray) -> str:
                       ).hexdigest()[:12]
 
 
-def ensure_cf_stage1(config, workdir: pathlib.Path) -> bool:
+TABLE_KEYS = ("cf", "joint")
+
+
+def export_tables(config, workdir: str | os.PathLike, path: str | os.PathLike) -> dict:
+  """Writes the stage-1 item tables of a finished `workdir` to `path` (.npz); returns them."""
+  workdir = pathlib.Path(workdir).expanduser()
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
+  tables = {k: tables[k] for k in TABLE_KEYS}
+  np.savez(path, **tables)
+  return tables
+
+
+def load_tables(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray]:
+  """The item tables of --tables, checked against the dataset."""
+  with np.load(path, allow_pickle=False) as f:
+    missing = [k for k in TABLE_KEYS if k not in f]
+    if missing:
+      raise ValueError(f"--tables={path}: missing arrays {missing} (has {sorted(f)})")
+    tables = {k: np.asarray(f[k], np.float32) for k in TABLE_KEYS}
+  for k, t in tables.items():
+    if t.ndim != 2 or t.shape[0] != num_items:
+      raise ValueError(f"--tables={path}: {k!r} has shape {t.shape}, expected "
+                       f"[{num_items}, dim] (this dataset's item count)")
+  return tables
+
+
+def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) -> bool:
   """Trains cf/ and stage1/ in `workdir` unless both are finished; True if it trained."""
   if ((workdir / "cf" / cf_lib.FINISHED).exists()
-      and (workdir / "stage1" / "finished.json").exists()):
+      and (not need_stage1 or (workdir / "stage1" / "finished.json").exists())):
     return False
   c = config.copy_and_resolve_references()
   c.stages = "cf,stage1"
@@ -150,9 +186,26 @@ def stage2_config(config, bos: str, batch_size: int):
   return cfg
 
 
+def test_pass(ev, builder, params, es, user_rep, *, generate: bool, seed: int
+              ) -> dict[str, Any]:
+  """Test metrics of trained projectors: ranking (and generation) with the true x_u, and
+  ranking with x_u shuffled across users (eval_lib.soft_token_diagnostics)."""
+  t = time.time()
+  ev.builder, ev.proj_params = builder, params
+  m = eval_lib.llm_metrics(ev.evaluate(es, user_rep, generate=generate, desc="test"), "")
+  diag = eval_lib.soft_token_diagnostics(
+      ev, es, user_rep, "", seed, which=("user_shuffled",),
+      true_metrics={"hit@1": m["hit@1"], "mrr": m["mrr"], "loss": m["target_loss"]})
+  out = {k: round(float(v), 4) for k, v in {**m, **diag}.items()}
+  out.update(split="test", users=len(es.users), seconds=round(time.time() - t, 1))
+  return out
+
+
 def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: str,
              steps: int, batch_size: int, eval_every: int, eval_users: int,
              time_budget_s: float, start_time: float | None = None,
+             tables_path: str = "", test_users: int = 0, test_generate: bool = False,
+             test_reserve_s: float = 0.0, eval_batch_size: int = 0,
              emit: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs `arms` in order; writes and emits one JSON line per arm; returns the rows."""
   t_start = time.time() if start_time is None else start_time
@@ -164,14 +217,19 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   if config.asset_cache_dir:
     os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
   workdir = pathlib.Path(workdir).expanduser()
-  trained_stages = ensure_cf_stage1(config, workdir)
+  trained_stages = ensure_cf_stage1(config, workdir, need_stage1=not tables_path)
 
   # Shared by every arm: data, frozen CF model, item tables, LLM, examples, eval users.
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = pipeline.item_table_for(config.stage2.item_source, tables, config.seed)
+  if tables_path:
+    tables = load_tables(tables_path, ds.num_items + 1)
+  else:
+    tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  table = pipeline.item_table_for(
+      config.stage2.item_source, tables, config.seed,
+      standardize=config.stage2.get("item_standardize", False))
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
@@ -189,6 +247,12 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     else:
       reps[kind] = (stage2_lib.user_representations(cf_model, cf_vars, ex.seq),
                     stage2_lib.user_representations(cf_model, cf_vars, es.seq))
+  es_test, test_rep = None, None
+  if test_users and any(ARMS[a].user == "cf" for a in arms):
+    es_test = eval_lib.make_eval_set(ds, "test", maxlen=config.data.maxlen,
+                                     num_history=config.eval.num_history,
+                                     max_users=test_users, seed=config.data.candidate_seed)
+    test_rep = stage2_lib.user_representations(cf_model, cf_vars, es_test.seq)
   index = pipelines.train_exclusion_index(ds)
   device_kind = jax.devices()[0].device_kind
   setup_s = time.time() - t_start
@@ -206,10 +270,12 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
                                              loaded.config.hidden_size)
       trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                          item_table=table,
-                                         optimizer=stage2_lib.make_optimizer(cfg0))
+                                         optimizer=stage2_lib.make_optimizer(cfg0),
+                                         **stage2_lib.match_options(cfg0))
       ev = eval_lib.LLMEvaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer,
                                  builder=None, titles=ds.titles, projectors=proj,
-                                 item_table=table, batch_size=config.eval.batch_size)
+                                 item_table=table,
+                                 batch_size=eval_batch_size or config.eval.batch_size)
       shared[user_dim] = (proj, trainer, ev)
     return shared[user_dim]
 
@@ -231,6 +297,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     spec = ARMS[name]
     t_arm = time.time()
     deadline = t_arm + (t_start + time_budget_s - t_arm) / (len(arms) - i)
+    if es_test is not None and spec.user == "cf":
+      deadline -= test_reserve_s
     cfg = stage2_config(config, spec.bos, batch_size)
     builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
     train_rep, eval_rep = reps[spec.user]
@@ -253,6 +321,11 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
       for _, arrays in batches:
         state, metrics = trainer.step(state, arrays)
         step += 1
+        if i == 0 and step == 1:
+          # The first arm pays the compiles (its first ranking and step): its share of the
+          # budget counts from here, so the arms train for about the same time.
+          jax.block_until_ready(metrics)
+          deadline += time.time() - t_arm
         if pending is not None:
           losses.append(float(pending))
         pending = metrics["train/loss"]
@@ -283,7 +356,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     row = {"arm": name, "user": spec.user, "steps_requested": steps, "steps_done": step,
            "stopped_by_budget": stopped, "batch_size": batch_size, "bos": cfg.bos,
            "item_slot": cfg.get("item_slot", "after_title"),
-           "user_at_answer": bool(cfg.get("user_at_answer", False)), "lr": cfg.lr,
+           "user_at_answer": bool(cfg.get("user_at_answer", False)),
+           "item_standardize": bool(cfg.get("item_standardize", False)), "lr": cfg.lr,
            "train_candidates": TRAIN_CANDIDATES, "train_history": TRAIN_HISTORY,
            "positions_per_user": cfg.positions_per_user,
            "eval_split": "valid", "eval_users": len(es.users),
@@ -293,6 +367,10 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
            "loss_last20": round(float(np.mean(losses[-20:])), 4),
            "seconds": round(time.time() - t_arm, 1), "setup_seconds": round(setup_s, 1),
            "device_kind": device_kind, "workdir": str(workdir)}
+    if es_test is not None and spec.user == "cf":
+      row["test"] = test_pass(ev, builder, jax.device_get(state["params"]), es_test,
+                              test_rep, generate=test_generate, seed=config.seed)
+      row["seconds"] = round(time.time() - t_arm, 1)
     line = json.dumps(row)
     with open(out_file, "a") as f:
       f.write(line + "\n")
@@ -309,10 +387,18 @@ def main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required")
+  if FLAGS.export_tables:
+    if config.asset_cache_dir:
+      os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
+    tables = export_tables(config, FLAGS.workdir, FLAGS.export_tables)
+    print(json.dumps({k: list(v.shape) for k, v in tables.items()}), flush=True)
+    return
   run_arms(config, FLAGS.workdir, [a.strip() for a in FLAGS.arms if a.strip()],
            out_path=FLAGS.out, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
            eval_every=FLAGS.eval_every, eval_users=FLAGS.eval_users,
-           time_budget_s=FLAGS.time_budget_s, start_time=t_start,
+           time_budget_s=FLAGS.time_budget_s, start_time=t_start, tables_path=FLAGS.tables,
+           test_users=FLAGS.test_users, test_generate=FLAGS.test_generate,
+           test_reserve_s=FLAGS.test_reserve_s, eval_batch_size=FLAGS.eval_batch_size,
            emit=lambda line: print(line, flush=True))
 
 

@@ -197,7 +197,8 @@ def main(argv):
   cf_model, cf_params = cf_lib.load_trained_cf(config, FLAGS.workdir, ds)
   cf_vars = {"params": cf_params}
   tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = pipeline.item_table_for(cfg.item_source, tables, config.seed)
+  table = pipeline.item_table_for(cfg.item_source, tables, config.seed,
+                                   standardize=cfg.get("item_standardize", False))
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, llm_params = loaded.module, {"params": loaded.params}

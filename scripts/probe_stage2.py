@@ -95,7 +95,8 @@ def main(argv):
     table[1:, 0] = (logc - logc.mean()) / logc.std()
     table[1:, 1] = 1.0
   else:
-    table = pipeline.item_table_for(FLAGS.items, tables, config.seed)
+    table = pipeline.item_table_for(FLAGS.items, tables, config.seed,
+                                   standardize=cfg.get("item_standardize", False))
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
@@ -118,7 +119,8 @@ def main(argv):
   trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                      item_table=table,
                                      optimizer=stage2_lib.make_optimizer(cfg),
-                                     use_user=use_user)
+                                     use_user=use_user,
+                                     **stage2_lib.match_options(cfg, use_user))
   params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed), table.shape[1],
                                        user_rep.shape[1])
   state = trainer.init_state(params0)
@@ -155,6 +157,7 @@ def main(argv):
 
   out = {"user": FLAGS.user, "items": FLAGS.items, "steps": FLAGS.steps, "lr": cfg.lr,
          "bos": cfg.bos, "item_slot": cfg.item_slot, "user_at_answer": cfg.user_at_answer,
+         "item_standardize": bool(cfg.get("item_standardize", False)),
          "train_candidates": cfg.num_candidates, "train_history": cfg.num_history,
          "batch_size": cfg.batch_size, "positions_per_user": cfg.positions_per_user,
          "eval_users": len(es.users), "split": FLAGS.split, "workdir": FLAGS.workdir,

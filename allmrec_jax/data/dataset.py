@@ -239,13 +239,26 @@ def load_dataset(path: str | os.PathLike) -> RecDataset:
   for fname in (ARRAYS_FILE, JSON_FILE):
     if not (path / fname).is_file():
       raise FileNotFoundError(f"{path / fname}: missing (not a processed dataset folder)")
-  with open(path / JSON_FILE, encoding="utf-8") as f:
-    meta = json.load(f)
+  fix = ("delete the folder or prepare again with --overwrite (launch/prepare_data.py)")
+  try:
+    with open(path / JSON_FILE, encoding="utf-8") as f:
+      meta = json.load(f)
+    for key in ("name", "domain", "num_users", "num_items", "titles", "descriptions",
+                "genres", "item_ids", "manifest"):
+      if key not in meta:
+        raise KeyError(key)
+  except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{path / JSON_FILE}: corrupt processed dataset "
+                     f"({type(e).__name__}: {e}); {fix}") from None
   if meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{path / JSON_FILE}: format_version {meta.get('format_version')} "
                      f"!= {FORMAT_VERSION}")
-  with np.load(path / ARRAYS_FILE, allow_pickle=False) as z:
-    arrays = {f: z[f] for f in _ARRAY_FIELDS}
+  try:
+    with np.load(path / ARRAYS_FILE, allow_pickle=False) as z:
+      arrays = {f: z[f] for f in _ARRAY_FIELDS}
+  except Exception as e:  # pylint: disable=broad-except  (zip, zlib, npy-header errors)
+    raise ValueError(f"{path / ARRAYS_FILE}: corrupt processed dataset "
+                     f"({type(e).__name__}: {e}); {fix}") from None
   return RecDataset(
       name=meta["name"], domain=meta["domain"], num_users=meta["num_users"],
       num_items=meta["num_items"], titles=meta["titles"],

@@ -87,6 +87,7 @@ def options_of(data_cfg) -> dict:
       "candidate_seed": int(_get(data_cfg, "candidate_seed", 2024)),
       "description_mode": mode,
       "skip_unknown_items": bool(_get(data_cfg, "skip_unknown_items", True)),
+      "strict": bool(_get(data_cfg, "strict", False)),
       "format_version": dataset_lib.FORMAT_VERSION,
   }
 
@@ -146,7 +147,7 @@ def process(data_cfg) -> dataset_lib.RecDataset:
   manifest = {
       "name": dataset_name(opts["kind"], opts["name"]),
       "options": opts,
-      "sources": {os.path.basename(p): {"path": p, "sha256": h}
+      "sources": {os.path.basename(p): {"path": p, "sha256": h, **_stat_of(p)}
                   for p, h in r.sources.items()},
       "skipped": r.skipped.as_dict(),
       "text_fallbacks": fallbacks,
@@ -161,13 +162,40 @@ def process(data_cfg) -> dataset_lib.RecDataset:
       item_ids=tuple(seqs.item_keys), cold_user_items=seqs.cold_user_items)
 
 
+def _stat_of(path: str) -> dict:
+  st = os.stat(path)
+  return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def changed_sources(manifest: dict) -> list[str]:
+  """The raw files of a processed dataset that changed since it was made: a file whose size
+  or mtime differs (or that the manifest has no stat of) is hashed again and counts when
+  its sha256 differs. A raw file that no longer exists is not counted (the processed copy
+  is all there is)."""
+  changed = []
+  for src in manifest.get("sources", {}).values():
+    p = src.get("path", "")
+    if not p or not os.path.isfile(p):
+      continue
+    if _stat_of(p) == {k: src.get(k) for k in ("size", "mtime_ns")}:
+      continue
+    if raw.sha256_file(p) != src.get("sha256"):
+      changed.append(p)
+  return changed
+
+
 def prepare_dataset(data_cfg, *, overwrite: bool = False) -> dataset_lib.RecDataset:
-  """Returns the processed dataset of `data_cfg`, processing and saving it once."""
+  """Returns the processed dataset of `data_cfg`, processing and saving it once; processes
+  again when a raw file changed since (size/mtime, then sha256)."""
   out = output_dir(data_cfg)
   if not overwrite and (out / dataset_lib.JSON_FILE).is_file():
     ds = dataset_lib.load_dataset(out)
-    ds.manifest["output_dir"] = str(out)
-    return ds
+    changed = changed_sources(ds.manifest)
+    if not changed:
+      ds.manifest["output_dir"] = str(out)
+      return ds
+    logging.warning("%s: raw file(s) changed since it was prepared (%s); preparing again",
+                    out, ", ".join(changed))
   ds = process(data_cfg)
   ds.manifest["output_dir"] = str(out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,22 +70,56 @@ def lm_loss(proj_params: PyTree, llm_params: PyTree, item_table: jax.Array,
   return jnp.sum(ce * w) / jnp.maximum(n, 1.0), {"tokens": n}
 
 
+def user_match_loss(proj_params: PyTree, item_table: jax.Array, batch: dict[str, jax.Array],
+                    *, projectors: nn.Module, temperature: float) -> jax.Array:
+  """InfoNCE of [U] against the prompt's candidate tokens (config.stage2.user_match_weight;
+  a named variant beyond the paper, whose stage 2 has the LM loss only).
+
+  logits[b, c] = cos(F_U(x_u[b]), F_I(e[cand[b, c]])) / temperature; the target is the
+  candidate equal to `target_item[b]`. It asks F_U directly to point at the target's item
+  token, which the frozen LM can then copy from (the in_quotes layout).
+  """
+  u = projectors.apply(proj_params, batch["user_rep"], method=projectors.user)
+  c = projectors.apply(proj_params, item_table[batch["cand_items"]], method=projectors.item)
+  u = u.astype(jnp.float32)
+  c = c.astype(jnp.float32)
+  u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-6)
+  c = c / (jnp.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
+  logits = jnp.einsum("be,bce->bc", u, c) / temperature
+  labels = (batch["cand_items"] == batch["target_item"][:, None]).astype(jnp.float32)
+  return jnp.mean(optax.softmax_cross_entropy(logits, labels))
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
 
 
 def train_step(state: dict, llm_params: PyTree, item_table: jax.Array,
                batch: dict[str, jax.Array], *, llm, projectors, optimizer, use_user,
-               use_items) -> tuple[dict, dict]:
-  """One Adam step on the projectors. state = {"params", "opt_state", "step"}."""
-  grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
-  (loss, aux), grads = grad_fn(state["params"], llm_params, item_table, batch, llm=llm,
-                               projectors=projectors, use_user=use_user,
-                               use_items=use_items)
+               use_items, match_weight: float = 0.0, match_temperature: float = 0.1
+               ) -> tuple[dict, dict]:
+  """One Adam step on the projectors. state = {"params", "opt_state", "step"}.
+
+  The objective is the LM loss (reported as train/loss), plus match_weight x
+  `user_match_loss` when match_weight > 0 (reported as train/match_loss)."""
+
+  def objective(params):
+    loss, aux = lm_loss(params, llm_params, item_table, batch, llm=llm,
+                        projectors=projectors, use_user=use_user, use_items=use_items)
+    total = loss
+    if match_weight > 0:
+      aux["match"] = user_match_loss(params, item_table, batch, projectors=projectors,
+                                     temperature=match_temperature)
+      total = loss + match_weight * aux["match"]
+    return total, (loss, aux)
+
+  (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"train/loss": loss, "train/tokens": aux["tokens"],
              "train/grad_norm": optax.global_norm(grads)}
+  if "match" in aux:
+    metrics["train/match_loss"] = aux["match"]
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -183,23 +217,38 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
     pb = builder.build(ex.history[sel], cands, ex.targets[sel], soft=soft, padding="right")
     arrays = pb.arrays()
     arrays["user_rep"] = user_rep[sel].astype(np.float32)
+    arrays["cand_items"] = cands.astype(np.int32)
+    arrays["target_item"] = ex.targets[sel].astype(np.int32)
     yield j, arrays
 
 
 # ---------------------------------------------------------------------------- trainer
+def match_options(cfg, enabled: bool = True) -> dict[str, float]:
+  """Stage2Trainer's match_weight / match_temperature from config.stage2 (0 when the
+  ablation drops a soft token, e.g. the MLP-LLM or w/o-user runs keep the LM loss)."""
+  return {"match_weight": float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0,
+          "match_temperature": float(cfg.get("user_match_temperature", 0.1))}
+
+
 class Stage2Trainer:
   """Builds the jitted step with explicit shardings and runs epochs with checkpoints."""
 
   def __init__(self, *, llm, llm_params, projectors, item_table, optimizer, mesh=None,
-               rules=None, use_user=True, use_items=True):
+               rules=None, use_user=True, use_items=True, match_weight: float = 0.0,
+               match_temperature: float = 0.1):
     self.llm, self.projectors, self.optimizer = llm, projectors, optimizer
     self.mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.rules = rules
     self.llm_params = llm_params
     self.item_table = jax.device_put(jnp.asarray(item_table, jnp.float32),
                                      sharding.replicated(self.mesh))
+    if match_weight and not (use_user and use_items):
+      raise ValueError("config.stage2.user_match_weight > 0 needs both the user and the "
+                       "item tokens (use_user and use_items)")
     step = functools.partial(train_step, llm=llm, projectors=projectors,
-                             optimizer=optimizer, use_user=use_user, use_items=use_items)
+                             optimizer=optimizer, use_user=use_user, use_items=use_items,
+                             match_weight=float(match_weight),
+                             match_temperature=float(match_temperature))
     self._step = jax.jit(step, donate_argnums=(0,))
     self.compiled_shapes: set[tuple] = set()
 
@@ -312,7 +361,8 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
   trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
                           item_table=item_table, optimizer=make_optimizer(cfg), mesh=mesh,
-                          rules=rules, use_user=use_user, use_items=use_items)
+                          rules=rules, use_user=use_user, use_items=use_items,
+                          **match_options(cfg, use_user and use_items))
   state = trainer.init_state(init_projectors(projectors, jax.random.PRNGKey(config.seed),
                                              item_table.shape[1], user_rep.shape[1]))
   manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1)

@@ -76,8 +76,20 @@ class GGUFHeader:
 
 
 def read_header(path: str | pathlib.Path) -> GGUFHeader:
-  """Parses a little-endian GGUF v2/v3 file's metadata and tensor table."""
+  """Parses a little-endian GGUF v2/v3 file's metadata and tensor table; a file cut
+  inside its header raises ValueError naming the file."""
   path = pathlib.Path(path)
+  try:
+    return _read_header(path)
+  except (struct.error, IndexError) as e:
+    raise ValueError(f"{path}: GGUF header is truncated or corrupt ({path.stat().st_size} "
+                     f"bytes; {e})") from None
+
+
+def _read_header(path: pathlib.Path) -> GGUFHeader:
+  if path.stat().st_size < 24:
+    raise ValueError(f"{path}: not a GGUF file ({path.stat().st_size} bytes, shorter than "
+                     f"the 24-byte GGUF preamble)")
   mm = np.memmap(path, dtype=np.uint8, mode="r")
   buf = memoryview(mm)
   if bytes(buf[:4]) != b"GGUF":
@@ -90,6 +102,8 @@ def read_header(path: str | pathlib.Path) -> GGUFHeader:
 
   def string(o):
     n, = struct.unpack_from("<Q", buf, o)
+    if o + 8 + n > len(buf):
+      raise struct.error(f"a string of {n} bytes at byte {o} runs past the end")
     return bytes(buf[o + 8:o + 8 + n]).decode("utf-8", errors="replace"), o + 8 + n
 
   def value(vtype, o):
@@ -102,6 +116,8 @@ def read_header(path: str | pathlib.Path) -> GGUFHeader:
       itype, count = struct.unpack_from("<IQ", buf, o)
       o += 12
       if itype in _NP:
+        if o + count * np.dtype(_NP[itype]).itemsize > len(buf):
+          raise struct.error(f"an array of {count} values at byte {o} runs past the end")
         arr = np.frombuffer(buf, dtype=_NP[itype], count=count, offset=o)
         return arr, o + arr.nbytes
       items = []

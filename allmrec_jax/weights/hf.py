@@ -21,6 +21,19 @@ def torch_to_numpy(t) -> np.ndarray:
   return t.numpy()
 
 
+def check_finite(arr: np.ndarray, name: str, where: str) -> None:
+  """Raises ValueError naming the file and tensor when `arr` holds NaN or Inf (a corrupt
+  weights file loads otherwise silently into NaN logits)."""
+  a = np.asarray(arr)
+  if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+    return
+  finite = np.isfinite(a.astype(np.float32, copy=False))
+  if not finite.all():
+    bad = int(finite.size - np.count_nonzero(finite))
+    raise ValueError(f"{where}: tensor {name} has {bad} non-finite value(s) (NaN/Inf) of "
+                     f"{finite.size}: the weights file is corrupt")
+
+
 class TensorSource:
   """Interface: names(), file_of(name), get(name) -> np.ndarray."""
 

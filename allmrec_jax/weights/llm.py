@@ -174,6 +174,7 @@ def load_params(module, config, source: hf_lib.TensorSource, mesh=None, rules=No
     path, transform = name_map[key]
     dest = flat_abstract[path]
     raw = source.get(name)
+    hf_lib.check_finite(raw, name, source.file_of(name))
     bad = f"{source.file_of(name)}: tensor {name} has shape {tuple(raw.shape)}, expected " + (
         f"{tuple(dest.shape)} for parameter {'/'.join(path)} after re-layout")
     try:

@@ -20,6 +20,7 @@ import safetensors
 
 from allmrec_jax import sharding as shd
 from allmrec_jax.models.text import bert
+from allmrec_jax.weights import hf as hf_lib
 
 
 class LoadedSBERT(NamedTuple):
@@ -212,6 +213,7 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
         raise ValueError(f"{weights_file}: tensor {name} maps to {'/'.join(tgt)}, which the "
                          f"config ({cfg.num_layers} layers) does not have") from None
       arr = f.get_tensor(name)
+      hf_lib.check_finite(arr, name, str(weights_file))
       if tgt[-1] == "kernel":
         arr = arr.T
       if tuple(arr.shape) != tuple(want.shape):

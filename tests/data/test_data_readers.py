@@ -172,3 +172,43 @@ def test_strict_stops_at_a_duplicate(tmp_path):
   relaxed = amazon.read_amazon2023(tmp_path, "Toys")
   assert preprocess.make_sequences(relaxed, min_count=1).stats["interactions"] == 2
   assert relaxed.skipped.as_dict() == {"duplicate": 1}
+
+
+def test_prepared_cache_follows_raw_changes_and_strict(tmp_path):
+  """A raw file replaced after preparing is noticed (size/mtime, then sha256) and the data
+  prepared again; --strict is part of the cache key; a corrupt cache names its file."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  raw_dir = tmp_path / "raw"
+  raw_dir.mkdir()
+  write_amazon(raw_dir, "amazon2018")
+  cfg = _cfg("amazon2018", raw_dir, tmp_path)
+  first = prepare.prepare_dataset(cfg)
+  assert first.num_users == 3
+  assert prepare.output_dir(cfg) != prepare.output_dir(_cfg("amazon2018", raw_dir, tmp_path,
+                                                             strict=True))
+  # Touching a file without changing it keeps the cache (the sha256 still matches).
+  reviews = raw_dir / "Toys.json.gz"
+  st = reviews.stat()
+  os.utime(reviews, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  assert prepare.changed_sources(prepare.prepare_dataset(cfg).manifest) == []
+  # A new user E with two reviews: the cache is rebuilt.
+  shutil.copy(reviews, tmp_path / "old.gz")
+  import gzip  # pylint: disable=g-import-not-at-top
+  with gzip.open(tmp_path / "old.gz", "rt", encoding="utf-8", errors="replace") as f:
+    lines = f.read().splitlines()
+  lines += ['{"reviewerID": "E", "asin": "i1", "overall": 5.0, "unixReviewTime": 7}',
+            '{"reviewerID": "E", "asin": "i2", "overall": 5.0, "unixReviewTime": 8}']
+  write_gz_lines(reviews, lines)
+  again = prepare.prepare_dataset(cfg)
+  assert again.num_users == 4
+  assert prepare.changed_sources(again.manifest) == []
+  # A corrupt cache: one line naming the file and the way out.
+  out = prepare.output_dir(cfg)
+  (out / "arrays.npz").write_bytes((out / "arrays.npz").read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"arrays\.npz: corrupt processed dataset .*--overwrite"):
+    prepare.prepare_dataset(cfg)
+  assert prepare.prepare_dataset(cfg, overwrite=True).num_users == 4
+  (out / "dataset.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"dataset\.json: corrupt processed dataset"):
+    prepare.prepare_dataset(cfg)

@@ -175,3 +175,38 @@ def test_gguf_header_of_embedded_model():
   assert emb.dims == (576, 49152)
   row = gguf_lib.tensor_array(header, emb)
   assert row.shape == (49152, 576) and np.isfinite(row).all() and row.std() > 0
+
+
+def test_corrupt_bytes_in_safetensors_are_refused(tmp_path):
+  """4 KiB of 0xFF inside the tensor data (NaN as float32) fail the load with the file and
+  the tensor named, instead of loading NaN parameters."""
+  d, _ = _llama_dir(tmp_path)
+  f = d / "model.safetensors"
+  raw = bytearray(f.read_bytes())
+  header_len = int.from_bytes(raw[:8], "little")
+  start = 8 + header_len + 1024
+  raw[start:start + 4096] = b"\xff" * 4096
+  f.write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor \S+ has \d+ non-finite "
+                     r"value\(s\) \(NaN/Inf\).*corrupt"):
+    llm_lib.load_llm(d)
+
+
+def test_check_finite_bfloat16_and_integers():
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  from allmrec_jax.weights import hf as hf_lib  # pylint: disable=g-import-not-at-top
+  hf_lib.check_finite(np.ones(4, ml_dtypes.bfloat16), "w", "f")
+  hf_lib.check_finite(np.arange(4), "ids", "f")          # integer tensors are not checked
+  with pytest.raises(ValueError, match=r"f: tensor w has 1 non-finite value\(s\)"):
+    hf_lib.check_finite(np.array([1.0, np.inf], ml_dtypes.bfloat16), "w", "f")
+
+
+@pytest.mark.parametrize("keep", [10, 4096, 1_500_000])   # the header ends at 1,785,664
+def test_gguf_cut_inside_its_header_names_the_file(tmp_path, keep):
+  src = llm_lib.resolve_path(None)
+  cut = tmp_path / "cut.gguf"
+  with open(src, "rb") as f:
+    cut.write_bytes(f.read(keep))
+  with pytest.raises(ValueError, match=r"cut\.gguf: (not a GGUF file|GGUF header is "
+                     r"truncated or corrupt)"):
+    gguf_lib.read_header(cut)

@@ -165,3 +165,38 @@ def test_oracle_user_token_is_the_targets_cf_embedding(arms_run):
       by_arm["method_user_first"]["user_rep_digest"]
   assert by_arm["method_bos_first"]["user_rep_digest"] != by_arm["oracle"]["user_rep_digest"]
 
+
+
+def test_exported_tables_replace_stage1_and_test_pass(arms_run, tmp_path):
+  """--export_tables then --tables: a run folder with only cf/ gives the same arm as the
+  full one (same tables, same batches), and --test_users adds the test pass."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  base, workdir, lines = arms_run
+  tables = tmp_path / "tables.npz"
+  overrides = [f"--config.{k}={v}" for k, v in
+               {**OVERRIDES, "llm.path": base / "llm", "sbert.path": base / "sbert"}.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.run([sys.executable, str(SCRIPT), "--config=configs/ml100k.py",
+                      f"--workdir={workdir}", "--out=unused", f"--export_tables={tables}",
+                      *overrides], capture_output=True, text=True, env=env, cwd=ROOT,
+                     timeout=600, check=False)
+  assert p.returncode == 0, p.stderr[-4000:]
+  with np.load(tables) as f:
+    assert sorted(f) == ["cf", "joint"]
+  slim = tmp_path / "slim"
+  shutil.copytree(workdir / "cf", slim / "cf")     # no stage1/: the tables stand in for it
+  rows = _run(base, slim, tmp_path / "arms.jsonl", "--arms=method_bos_first", "--steps=3",
+              "--batch_size=2", "--eval_every=2", f"--eval_users={EVAL_USERS}",
+              "--time_budget_s=100000", f"--tables={tables}", "--test_users=5",
+              "--test_generate", "--eval_batch_size=2")
+  assert not (slim / "stage1").exists()
+  (row,) = rows
+  full = {r["arm"]: r for r in lines}["method_bos_first"]
+  assert row["curve"] == full["curve"] and row["after"] == full["after"]
+  assert row["loss_last20"] == full["loss_last20"]
+  t = row["test"]
+  assert t["users"] == 5 and t["split"] == "test"
+  for k in ("hit@1", "mrr", "gen_hit@1", "hit@1_user_shuffled", "mrr_user_shuffled"):
+    assert 0.0 <= t[k] <= 1.0, k
+  assert t["target_loss"] == t["loss"] > 0.0

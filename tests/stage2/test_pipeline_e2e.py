@@ -86,3 +86,24 @@ def test_long_config_layout_tiny(tmp_path):
   results = (work / "results.md").read_text()
   assert "x_u shuffled across users" in results
   assert '"[CandidateEmb]' in results and '"[UserRep]' in results
+
+
+def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
+  c = ml100k.get_config()
+  c.cf.lr = -1.0
+  c.stage2.batch_size = 0
+  c.stage2.max_steps = -3
+  c.llm.path = str(tmp_path / "no_such_llm")
+  work = tmp_path / "run"
+  with pytest.raises(ValueError) as e:
+    pipeline.train_and_evaluate(c, work)
+  msg = str(e.value)
+  assert msg.startswith("invalid config: ") and "\n" not in msg
+  for part in ("--config.cf.lr=-1.0 must be > 0", "--config.stage2.batch_size=0 must be > 0",
+               "--config.stage2.max_steps=-3 must be >= 0",
+               f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist"):
+    assert part in msg, part
+  assert not work.exists()          # nothing was trained, no config.json written
+  pipeline.validate_config(ml100k.get_config())   # the shipped configs pass
+  from configs import ml100k_long  # pylint: disable=g-import-not-at-top
+  pipeline.validate_config(ml100k_long.get_config())

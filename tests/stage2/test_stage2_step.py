@@ -142,3 +142,74 @@ def test_sharded_step_matches_one_device(setup, shape):
                s8["params"], s1["params"])
   if shape[2] > 1:   # tensor-parallel meshes really split the LLM
     assert max(sharding.num_shards(x) for x in jax.tree.leaves(sharded_llm)) > 1
+
+
+def test_item_standardize_is_an_affine_reparametrisation_of_f_i():
+  """stage2.item_standardize: columns of items 1..N at mean 0 / std 1, padding row 0 zero,
+  and F_I on the standardised table equals F_I on the raw table once its first Linear
+  absorbs the affine map (same function class as the paper)."""
+  from allmrec_jax.trainers import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  raw = np.zeros((N + 1, K), np.float32)
+  raw[1:] = 0.5 + 0.03 * rng.standard_normal((N, K))      # a narrow band of sigmoid codes
+  raw[1:, 3] = 0.7                                          # a constant column stays finite
+  std = pipeline.item_table_for("joint", {"joint": raw}, seed=0, standardize=True)
+  np.testing.assert_array_equal(std[0], 0.0)
+  np.testing.assert_allclose(std[1:, :3].mean(0), 0.0, atol=1e-6)
+  np.testing.assert_allclose(std[1:, :3].std(0), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(std[1:, 3], 0.0)
+  np.testing.assert_array_equal(
+      pipeline.item_table_for("joint", {"joint": raw}, seed=0), raw)   # off: untouched
+  f_i = projectors_lib.ItemProjector(K, E)
+  params = f_i.init(jax.random.PRNGKey(0), jnp.zeros((1, K)))["params"]
+  params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(params))
+  rows = raw[1:].astype(np.float64)
+  mu, sd = rows.mean(0), rows.std(0)
+  mu[3], sd[3] = 0.7, np.inf          # the constant column: weight 0 in the folded Linear
+  w, b = np.asarray(params["fc1"]["kernel"]), np.asarray(params["fc1"]["bias"])
+  folded = jax.tree.map(lambda x: x, params)
+  folded["fc1"] = {"kernel": jnp.asarray(w / sd[:, None], jnp.float32),
+                   "bias": jnp.asarray(b - (mu / sd) @ w, jnp.float32)}
+  np.testing.assert_allclose(f_i.apply({"params": params}, jnp.asarray(std[1:])),
+                             f_i.apply({"params": folded}, jnp.asarray(raw[1:])),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_user_match_loss_golden_and_step(setup):
+  """stage2.user_match_weight: the InfoNCE against a numpy computation, and a step whose
+  objective includes it lowers it while train/loss stays the LM loss."""
+  llm, llm_params, proj, pp, table, batch = setup
+  rng = np.random.default_rng(5)
+  b = batch["input_ids"].shape[0]
+  cands = np.stack([rng.choice(np.arange(1, N), 4, replace=False) for _ in range(b)])
+  batch = dict(batch, cand_items=cands.astype(np.int32),
+               target_item=cands[np.arange(b), rng.integers(0, 4, b)].astype(np.int32))
+  got = float(stage2.user_match_loss(pp, jnp.asarray(table), batch, projectors=proj,
+                                     temperature=0.5))
+  u = np.asarray(proj.apply(pp, batch["user_rep"], method=proj.user), np.float64)
+  c = np.asarray(proj.apply(pp, table[cands], method=proj.item), np.float64)
+  u /= np.linalg.norm(u, axis=-1, keepdims=True)
+  c /= np.linalg.norm(c, axis=-1, keepdims=True)
+  logits = np.einsum("be,bce->bc", u, c) / 0.5
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -np.mean(logp[cands == batch["target_item"][:, None]])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  opt = optax.adam(1e-2, b1=0.9, b2=0.98)
+  trainer = stage2.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
+                                 item_table=table, optimizer=opt, match_weight=1.0,
+                                 match_temperature=0.5)
+  state = trainer.init_state(pp)
+  lm_only, _ = stage2.lm_loss(pp, llm_params, jnp.asarray(table), batch, llm=llm,
+                              projectors=proj)
+  match = []
+  for i in range(5):
+    state, m = trainer.step(state, batch)
+    if i == 0:
+      np.testing.assert_allclose(float(m["train/loss"]), float(lm_only), rtol=1e-5)
+      np.testing.assert_allclose(float(m["train/match_loss"]), want, rtol=1e-5)
+    match.append(float(m["train/match_loss"]))
+  assert match[-1] < match[0]
+  with pytest.raises(ValueError, match="user_match_weight"):
+    stage2.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj, item_table=table,
+                         optimizer=opt, match_weight=1.0, use_user=False)
