@@ -13,8 +13,8 @@ prompts are padded to the 320-token bucket (the extra work is counted against us
 Compilation is excluded (one warm-up call per program). The machine load (/proc/loadavg)
 is printed before and after: the 2 cores are shared, so compare the two sides of one run.
 
-Measured 2026-11-27 07:14-07:20 UTC, idle machine (loadavg 0.95 -> 1.23; fp32; --runs=3;
-greedy tokens identical on both sides; log in benchmarks/results/bench_llm_idle_2026-11-27.log):
+Measured on an idle 2-core AVX512-BF16 CPU (loadavg 0.95 -> 1.23; fp32; --runs=3;
+greedy tokens identical on both sides; log in benchmarks/results/bench_llm.log):
                            prefill tok/s   decode tok/s
   ours (jitted, KV cache)       568.8           77.5
   transformers, 2 threads       623.6           36.3   -> ours 0.91x / 2.13x

@@ -14,7 +14,7 @@ Both use a randomly initialised SASRec (speed does not depend on its weights). T
 step follows configs/ml100k.py (packed texts, compact word-embedding Adam) except the SBERT
 matmul precision, float32 unless --matmul-dtype is given.
 
-Latest (2026-11-27 15:53 UTC, idle, 2-core AVX512-BF16 CPU): float32 0.408 s per step =
+Latest (idle, 2-core AVX512-BF16 CPU): float32 0.408 s per step =
 147 users/s vs the peer's 62.4 (2.36x); --matmul-dtype=bfloat16 0.268 s = 224 users/s vs
 60.4 (3.71x). Raw lines in results/bench_stage1.jsonl.
 """

@@ -20,8 +20,8 @@ Run (idle machine; the whole thing takes ~6 minutes; the peer needs `accelerate`
 the GGUF: `.venv/bin/pip install -e '.[bench]'`):
   JAX_PLATFORMS=cpu python benchmarks/bench_stage2.py
 
-Measured 2026-11-27 08:27-08:31 UTC, idle (peer: other processes 0.008 cores; log in
-benchmarks/results/bench_stage2_2026-11-27.log), SmolLM2-135M fp32:
+Measured idle on a 2-core AVX512-BF16 CPU (peer: other processes 0.008 cores; log in
+benchmarks/results/bench_stage2.log), SmolLM2-135M fp32:
                          ours                        peer (PyTorch, 2 threads)   ratio  bar
   training, batch 4      220.8 non-pad tok/s         207.2 non-pad tok/s         1.07x  2.5x
                          (4.96 s/step, 117 GFLOP/s
@@ -30,8 +30,8 @@ benchmarks/results/bench_stage2_2026-11-27.log), SmolLM2-135M fp32:
   evaluation             1.50 s/user (batch 8:       3.83 s/user (batch 2:       2.55x  5x
                          ranking 20 candidates +     generation of 64 tokens
                          generating 64 tokens)       only)
-Session 5 (2026-11-27 16:06-16:12 UTC, idle; logs results/bench_stage2_{bf16,
-fp32_session5}_2026-11-27.log): float32 5.20 s/step and 1.72 s/user, peer 5.20 s/step
+A later pair of runs on the same machine (idle; logs results/bench_stage2_{bf16,
+fp32}.log): float32 5.20 s/step and 1.72 s/user, peer 5.20 s/step
 and 3.93 s/user; with --matmul_dtype=bfloat16 (the ml100k default) 3.75 s/step
 (292 non-pad tok/s, 1.38x the peer) and 1.23 s/user (3.19x).
 Neither bar is met. The training step is compute-bound at fp32 (the frozen LLM's forward

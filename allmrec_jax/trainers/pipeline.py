@@ -68,8 +68,75 @@ def validate_config(config) -> None:
     raise ValueError("invalid config: " + "; ".join(problems))
 
 
+# What a finished stage's result depends on (dotted prefixes of config fields); each stage
+# also depends on those of the stages before it.
+_STAGE_INPUTS = {
+    "cf": ("seed", "data.", "cf."),
+    "stage1": ("sbert.", "stage1."),
+    "stage2": ("llm.", "stage2.", "eval."),
+}
+# Fields that never change a result: what runs, where assets live, the mesh, logging.
+_NEUTRAL = ("stages", "asset_cache_dir", "mesh.", "cf.progress", "stage2.log_every",
+            "stage2.ckpt_every")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def finished_stages(workdir: pathlib.Path) -> list[str]:
+  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
+  marks = {"cf": workdir / "cf" / cf_lib.FINISHED,
+           "stage1": workdir / "stage1" / "finished.json",
+           "stage2": workdir / "stage2" / "metrics.json"}
+  return [s for s, m in marks.items() if m.exists()]
+
+
+def config_changes(config, workdir: pathlib.Path) -> dict[str, tuple]:
+  """{field: (in workdir/config.json, in `config`)} of the fields that differ; raises
+  ValueError (one line) when one of them produced a stage that is already finished there."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return {}
+  try:
+    old = _flat(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: unreadable ({e}); move it away to start a new run") from None
+  new = _flat(json.loads(config.to_json_best_effort()))
+  changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k) and not k.startswith(_NEUTRAL)}
+  finished = finished_stages(workdir)
+  inputs: tuple[str, ...] = ()
+  blocked = []
+  for stage in ("cf", "stage1", "stage2"):
+    inputs += _STAGE_INPUTS[stage]
+    if stage in finished:
+      blocked = [k for k in changed if k == "seed" or k.startswith(inputs)]
+  if blocked:
+    what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in blocked[:6])
+    more = f" (+{len(blocked) - 6} more)" if len(blocked) > 6 else ""
+    raise ValueError(f"{workdir}: finished stage(s) {', '.join(finished)} were produced "
+                     f"with another config ({what}{more}); use a new --workdir, or delete "
+                     f"the stage folders to redo them")
+  return changed
+
+
 def save_config(config, workdir: pathlib.Path):
+  """Writes workdir/config.json (the config of the latest run) after `config_changes`
+  accepted it; a changed field of an unfinished stage (a longer budget, say) is appended
+  to workdir/config_history.jsonl, so config.json never hides what produced the results."""
   workdir.mkdir(parents=True, exist_ok=True)
+  changed = config_changes(config, workdir)
+  if changed:
+    with open(workdir / "config_history.jsonl", "a") as f:
+      f.write(json.dumps({"changed": {k: list(v) for k, v in changed.items()}},
+                         default=str) + "\n")
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 

@@ -107,3 +107,34 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   pipeline.validate_config(ml100k.get_config())   # the shipped configs pass
   from configs import ml100k_long  # pylint: disable=g-import-not-at-top
   pipeline.validate_config(ml100k_long.get_config())
+
+
+def test_finished_stage_under_another_config_is_refused(tmp_path):
+  """config.json never lies: a field that produced a finished stage cannot change (one-line
+  error naming it), a field of an unfinished stage can, and the change is logged."""
+  work = tmp_path / "run"
+  c = ml100k.get_config()
+  pipeline.save_config(c, work)
+  (work / "cf").mkdir()
+  (work / "cf" / "FINISHED").write_text("{}\n")
+  longer = ml100k.get_config()
+  longer.stage2.max_steps = 900            # stage 2 not finished: allowed, and recorded
+  longer.mesh.shape = (1, 1, 1)            # neutral
+  pipeline.save_config(longer, work)
+  hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
+  assert hist == [{"changed": {"stage2.max_steps": [0, 900]}}]
+  assert json.loads((work / "config.json").read_text())["stage2"]["max_steps"] == 900
+  other = ml100k.get_config()
+  other.stage2.max_steps = 900
+  other.cf.lr = 0.01
+  with pytest.raises(ValueError, match=r"finished stage\(s\) cf were produced with another "
+                     r"config \(cf\.lr: 0\.001 -> 0\.01\); use a new --workdir"):
+    pipeline.save_config(other, work)
+  assert json.loads((work / "config.json").read_text())["cf"]["lr"] == 0.001
+  (work / "stage1").mkdir()
+  (work / "stage1" / "finished.json").write_text("{}")
+  s1 = ml100k.get_config()
+  s1.stage2.max_steps = 900
+  s1.stage1.lr = 1.0
+  with pytest.raises(ValueError, match=r"cf, stage1 .*stage1\.lr"):
+    pipeline.train_and_evaluate(s1, work)
