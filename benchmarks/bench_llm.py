@@ -19,12 +19,12 @@ greedy tokens identical on both sides; log in benchmarks/results/bench_llm.log):
   ours (jitted, KV cache)       568.8           77.5
   transformers, 2 threads       623.6           36.3   -> ours 0.91x / 2.13x
   transformers, 1 thread        355.3           37.1   -> ours 1.60x / 2.09x
-Decode: the 2x bar is met against both. Prefill: 1.6x the 1-thread reference (bar 1.5x)
+Decode: the 2x target is met against both. Prefill: 1.6x the 1-thread reference (target 1.5x)
 but 0.91x transformers with its default 2 threads (our prompts are also padded 300 -> 320):
-the prefill bar is NOT met against 2-thread torch. Our prefill runs at ~130 GFLOP/s, about
+the prefill target is NOT met against 2-thread torch. Our prefill runs at ~130 GFLOP/s, about
 70% of what a bare jitted fp32 matmul of the layer shapes reaches on this CPU; the rest is
 the non-matmul work (norms, rotary, softmax) that oneDNN-backed torch fuses better.
-(An earlier run under load, 05:20 UTC, read 124 / 14.9 tok/s for ours: do not compare
+(An earlier run under load read 124 / 14.9 tok/s for ours: do not compare
 timings taken while anything else runs.)
 """
 

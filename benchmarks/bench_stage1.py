@@ -7,9 +7,9 @@
 Times one jitted `stage1` train step (frozen SASRec forward, SBERT forward/backward on the
 positive and negative item texts, both auto-encoders, 4 losses, Adam on the trainable tree)
 at batch 60 users, after warm-up (compilation excluded), and runs
-`/work/shared/bench/peer_torch.py stage1` (the original code's computation in PyTorch:
+the PyTorch peer named by $ALLMREC_TORCH_PEER with `stage1` (the original code's computation:
 per-step tokenisation, SBERT micro-batches of 60, an Adam step per micro-batch) in the same
-run on the same data. Prints one JSON line; the bar is JAX >= 3x the peer's users/s.
+run on the same data. Prints one JSON line; the target is JAX >= 3x the peer's users/s.
 Both use a randomly initialised SASRec (speed does not depend on its weights). The JAX
 step follows configs/ml100k.py (packed texts, compact word-embedding Adam) except the SBERT
 matmul precision, float32 unless --matmul-dtype is given.

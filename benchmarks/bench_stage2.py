@@ -6,7 +6,7 @@ Ours (SmolLM2-135M-Instruct fp32, MovieLens-100K prompts, 20 candidates, 10 hist
   * evaluation: `LLMEvaluator.evaluate` = ranking of the 20 candidates by likelihood AND
     greedy generation of exactly --new_tokens tokens (EOS ignored, the worst case), one
     prompt prefill for both, at the config's eval batch; users/s.
-The peer: `../shared/bench/peer_torch.py stage2` and `generate --ignore-eos` (transformers
+The peer (the script named by $ALLMREC_TORCH_PEER): `stage2` and `generate --ignore-eos` (transformers
 with `inputs_embeds`, per-sample prompt building, full LM head, padding to the longest)
 run as subprocesses in the same invocation, so both sides see the same machine state.
 
@@ -22,7 +22,7 @@ the GGUF: `.venv/bin/pip install -e '.[bench]'`):
 
 Measured idle on a 2-core AVX512-BF16 CPU (peer: other processes 0.008 cores; log in
 benchmarks/results/bench_stage2.log), SmolLM2-135M fp32:
-                         ours                        peer (PyTorch, 2 threads)   ratio  bar
+                         ours                        peer (PyTorch, 2 threads)   ratio  target
   training, batch 4      220.8 non-pad tok/s         207.2 non-pad tok/s         1.07x  2.5x
                          (4.96 s/step, 117 GFLOP/s
                          = 56% of the 210 GFLOP/s
@@ -34,7 +34,7 @@ A later pair of runs on the same machine (idle; logs results/bench_stage2_{bf16,
 fp32}.log): float32 5.20 s/step and 1.72 s/user, peer 5.20 s/step
 and 3.93 s/user; with --matmul_dtype=bfloat16 (the ml100k default) 3.75 s/step
 (292 non-pad tok/s, 1.38x the peer) and 1.23 s/user (3.19x).
-Neither bar is met. The training step is compute-bound at fp32 (the frozen LLM's forward
+Neither target is met. The training step is compute-bound at fp32 (the frozen LLM's forward
 and input-gradient backward over ~1,240 padded tokens are ~580 GFLOP); the peer does the
 same FLOPs with oneDNN at a similar rate, so the remaining gains are in fewer FLOPs (the
 LM head only on target tokens and no weight gradients are already in), not in overhead.

@@ -8,7 +8,7 @@
 #                   scripts/device_run.sh reassembles the GGUF (sha256-checked) and runs.
 # Usage: bash scripts/device_bundle.sh CONFIG WORKDIR   (WORKDIR with finished cf/ and stage1/)
 # Then, on the device machine, two calls back to back (the machine stays warm between them):
-#   1) carry .gpu_a:  mkdir -p /root/gstore && cp .gpu_a/part_a /root/gstore/
+#   1) carry .gpu_a:  mkdir -p ~/gstore && cp .gpu_a/part_a ~/gstore/
 #   2) carry .gpu_b:  INSTALL=1 bash scripts/device_run.sh [gpu_stage2_arms.py flags]
 # Move .gpu_a out of the checkout before the second call (each call sends <= 64 MiB).
 set -eo pipefail

@@ -6,7 +6,7 @@
 # CONFIG: the config file (configs/ml100k.py), the one the bundle was made with.
 set -eo pipefail
 export PYTHONUNBUFFERED=1
-STORE=${STORE:-/root/gstore}
+STORE=${STORE:-$HOME/gstore}
 OUT=${OUT:-/tmp/out}
 B=.gpu_b
 mkdir -p "$OUT"
