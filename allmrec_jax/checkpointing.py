@@ -4,6 +4,7 @@ Layout: `<workdir>/<stage>/ckpt/<step>/{params,opt_state,extra}`; `extra` is a J
 (epoch, data-iterator state, metrics, anything json-able). The manager keeps the latest
 `max_to_keep` steps and, when `best_metric` is given, also the best step by that metric
 (saved with `metrics=`), so "latest" resumes a run and "best" serves the final model.
+The trainers keep two latest steps: a damaged latest step falls back to the one before.
 
   mngr = make_manager(workdir / "cf" / "ckpt", max_to_keep=1, best_metric="valid/ndcg@10")
   save(mngr, step, params=params, opt_state=opt_state, extra={"epoch": 3}, metrics=m)
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from typing import Any
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -111,22 +114,22 @@ def best_step(manager: ocp.CheckpointManager) -> int | None:
   return manager.best_step()
 
 
-def restore(manager: ocp.CheckpointManager, step: int | None = None,
-            abstract: dict[str, PyTree] | None = None) -> dict[str, Any] | None:
-  """Restores a step (default: the latest) -> {"params", "opt_state", "extra", "step"}.
+class CheckpointError(RuntimeError):
+  """A checkpoint step that cannot be read; the message names its folder."""
 
-  Args:
-    step: which step; None = latest. Returns None when the directory has no checkpoint.
-    abstract: {"params": tree, "opt_state": tree} of arrays or jax.ShapeDtypeStruct (with
-      shardings, to restore already sharded); items absent from it are restored as saved
-      (plain numpy-like trees), "opt_state" only when present in the checkpoint.
-  """
-  step = manager.latest_step() if step is None else int(step)
-  if step is None:
-    return None
-  abstract = abstract or {}
-  step_dir = os.path.join(os.fspath(manager.directory), str(step))
-  present = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set(ARRAY_ITEMS)
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int,
+                  abstract: dict[str, PyTree]) -> dict[str, Any]:
+  step_dir = _step_dir(manager, step)
+  if not os.path.isdir(step_dir):
+    raise CheckpointError(f"checkpoint {step_dir}: no such step folder")
+  present = set(os.listdir(step_dir))
+  if "params" not in present:
+    raise CheckpointError(f"checkpoint {step_dir}: has no params/ (found {sorted(present)})")
   items = {"extra": ocp.args.JsonRestore()}
   for name in ARRAY_ITEMS:
     if name not in present:
@@ -135,10 +138,67 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None,
     if like is not None:
       like = jax.tree.map(_abstract_leaf, like)
     items[name] = ocp.args.StandardRestore(like)
-  out = dict(manager.restore(step, args=ocp.args.Composite(**items)))
-  out = {k: out[k] for k in out.keys()}
+  try:
+    out = dict(manager.restore(step, args=ocp.args.Composite(**items)))
+  except Exception as e:   # orbax/tensorstore/json raise many types for a damaged step
+    msg = " ".join(str(e).split())[:300]
+    raise CheckpointError(f"checkpoint {step_dir} is unreadable: {type(e).__name__}: "
+                          f"{msg}") from e
+  out = {k: out[k] for k in out}
+  if not isinstance(out.get("extra"), dict):
+    raise CheckpointError(f"checkpoint {step_dir}: extra/ is not a JSON object")
   out["step"] = step
   return out
+
+
+def restore(manager: ocp.CheckpointManager, step: int | None = None,
+            abstract: dict[str, PyTree] | None = None,
+            quarantine: bool = False) -> dict[str, Any] | None:
+  """Restores a step (default: the latest readable one) -> {"params", "opt_state",
+  "extra", "step"}.
+
+  Args:
+    step: which step; None = the latest that reads back: a damaged latest step (cut or
+      zeroed files, bad metadata, missing params/) is skipped with a warning naming its
+      folder and the previous kept step is restored. An explicit step that cannot be read
+      raises CheckpointError naming its folder. Returns None when there is no checkpoint.
+    abstract: {"params": tree, "opt_state": tree} of arrays or jax.ShapeDtypeStruct (with
+      shardings, to restore already sharded); items absent from it are restored as saved
+      (plain numpy-like trees), "opt_state" only when present in the checkpoint.
+    quarantine: with step=None, move the damaged steps skipped over out of the way (to
+      `<ckpt>_damaged/<step>`), so that a resumed run can save those steps again.
+  """
+  abstract = abstract or {}
+  if step is not None:
+    return _restore_step(manager, int(step), abstract)
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for s in steps:
+    try:
+      out = _restore_step(manager, s, abstract)
+    except CheckpointError as e:
+      errors.append(str(e))
+      logging.warning("%s; trying the previous step", e)
+      continue
+    if errors and quarantine:
+      _quarantine(manager, [t for t in steps if t > s])
+    return out
+  if errors:
+    raise CheckpointError("no readable checkpoint: " + " | ".join(errors))
+  return None
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int]):
+  directory = os.fspath(manager.directory)
+  dest_root = directory.rstrip(os.sep) + "_damaged"
+  os.makedirs(dest_root, exist_ok=True)
+  for s in steps:
+    dest = os.path.join(dest_root, str(s))
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    shutil.move(_step_dir(manager, s), dest)
+    logging.warning("checkpoint %s moved to %s", _step_dir(manager, s), dest)
+  manager.reload()
 
 
 def _abstract_leaf(x: Any) -> Any:

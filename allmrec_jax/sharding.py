@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

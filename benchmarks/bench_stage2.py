@@ -80,13 +80,13 @@ def forward_flops(cfg, tokens: int, seq_len: int) -> float:
 def setup(args):
   from configs import ml100k  # pylint: disable=import-outside-toplevel
   from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import pipeline  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
   c = ml100k.get_config()
   ds = prepare.prepare_dataset(c.data)
   loaded = llm_weights.load_llm(None, dtype="float32", remat=args.remat,
                                 matmul_dtype=args.matmul_dtype)
-  builder = pipeline.prompt_builder(ds, loaded.tokenizer, c.stage2)
+  builder = runner.prompt_builder(ds, loaded.tokenizer, c.stage2)
   return c, ds, loaded, builder
 
 

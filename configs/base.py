@@ -1,6 +1,6 @@
 """Shared defaults of every allmrec-jax config (the paper's values).
 
-Not run directly: dataset configs (`configs/ml100k.py`, `configs/amazon_*.py`) start from
+Not run directly: dataset configs (`configs/ml100k.py`, `configs/amazon.py`) start from
 `get_base_config()` and override what differs. Every field carries a comment.
 """
 
@@ -26,9 +26,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.maxlen = 50              # CF sequence length (SASRec maxlen)
   c.data.description_mode = "first"  # Amazon descriptions: "first" entry (paper) | "join" all
   c.data.skip_unknown_items = True   # skip + count reviews of items absent from the metadata
-  c.data.asset_cache_dir = ""     # asset cache for the embedded ml-100k ("" = assets default)
   c.data.num_cold_users = 100     # MovieLens cold-user scenario: held-out users (seeded)
   c.data.cold_fraction = 0.35     # cold/warm items: bottom/top fraction by interaction count
+                                  #   (the CF and stage-1 test breakdowns; paper: 35%)
   c.data.prefetch = 16            # grain read-ahead (batches) of the input pipelines; 0 = none
 
   # ---------------------------------------------------------------- mesh
@@ -49,6 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.cf.batch_size = 128           # sequences per step
   c.cf.num_epochs = 200           # upper bound; early stopping on validation
   c.cf.eval_every = 20            # epochs between validation passes
+  c.cf.ckpt_every = 5             # epochs between checkpoints (also at every validation pass)
   c.cf.patience = 3               # validation passes without improvement before stopping
   c.cf.select_metric = "valid/ndcg@10_neg100"  # checkpoint-selection metric
   c.cf.loss = "bce"               # bce (SASRec: pos label 1, one sampled neg label 0) | bpr
@@ -97,7 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1.b1 = 0.9               # Adam beta1
   c.stage1.b2 = 0.98              # Adam beta2
   c.stage1.batch_size = 60        # users per step
-  c.stage1.num_epochs = 10
+  c.stage1.num_epochs = 10        # passes over the users
   c.stage1.freeze_sbert = False   # the paper's "Freeze SBERT" ablation
   c.stage1.w_rec = 1.0            # recommendation loss weight
   c.stage1.w_match = 1.0          # matching loss weight
@@ -108,7 +109,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage1.checkpoint_every = 0   # steps between checkpoints (0 = at the end of each epoch)
   c.stage1.log_every = 1          # steps between metrics.jsonl / TensorBoard records
   c.stage1.eval_batch_size = 256  # items / users per batch when computing alignment metrics
-  c.stage1.cold_fraction = 0.35   # cold items = bottom 35% by interaction count (paper)
   c.stage1.text_standardize = False  # feed (Q - mean) / std to f_T (per dimension, stats of
                                   #   the pretrained SBERT over all items, computed once)
   c.stage1.pack_texts = True      # pack several short item texts per SBERT row (same
@@ -119,11 +119,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- stage 2
   c.stage2 = ml_collections.ConfigDict()
-  c.stage2.lr = 1e-4
-  c.stage2.b1 = 0.9
-  c.stage2.b2 = 0.98
-  c.stage2.batch_size = 4
-  c.stage2.num_epochs = 5
+  c.stage2.lr = 1e-4              # Adam learning rate of the projectors
+  c.stage2.b1 = 0.9               # Adam beta1
+  c.stage2.b2 = 0.98              # Adam beta2
+  c.stage2.batch_size = 4         # prompts per step
+  c.stage2.num_epochs = 5         # passes over the training examples (see max_steps)
   c.stage2.num_history = 10       # history items in TRAINING prompts (evaluation: eval.num_history)
   c.stage2.num_candidates = 20    # candidates in TRAINING prompts (target + negatives;
                                   #   evaluation always shows the 20 stored candidates)
@@ -153,6 +153,10 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   #   with the target as the positive (beyond the paper, whose
                                   #   stage 2 trains with the LM loss only; docs/results.md)
   c.stage2.user_match_temperature = 0.1  # T of that InfoNCE
+  c.stage2.user_match_negatives = "prompt"  # its negatives: prompt (the prompt's other
+                                  #   candidates) | catalog (every item: a full-softmax loss)
+  c.stage2.user_match_batch = 0   # extra training examples per step in that InfoNCE (catalog
+                                  #   negatives only): x_u rows without a prompt or an LLM pass
   c.stage2.use_user = True        # False = the "w/o user representation" ablation
   c.stage2.use_items = True       # False = the "w/o joint embeddings" ablation
 
@@ -169,3 +173,21 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.diagnostics = "user_shuffled,items_permuted"  # extra rankings of A-LLMRec with x_u
                                   #   shuffled across users / item tokens permuted ("" = none)
   return c
+
+
+def field_help() -> str:
+  """Every field of the base config with its default and its comment above (read from this
+  file's source), one line each: the `--config` flag's help of the launchers."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  lines, field = [], None
+  for line in pathlib.Path(__file__).read_text().splitlines():
+    m = re.match(r"\s*c\.([\w.]+) = (.*?)\s*(?:#\s*(.*))?$", line)
+    if m and "ConfigDict()" not in m.group(2):
+      field = m.group(1)
+      lines.append(f"  --config.{field}={m.group(2)}  {m.group(3) or ''}".rstrip())
+    elif field and re.match(r"\s+#\s{2,}", line):       # a comment's continuation line
+      lines[-1] += " " + line.strip().lstrip("#").strip()
+    else:
+      field = None
+  return "\n".join(lines)

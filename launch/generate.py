@@ -16,15 +16,13 @@ prompt per line) prints one JSON line {"prompt", "continuation"} per prompt.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("llm", "smollm2-135m",
@@ -107,6 +105,11 @@ def main(argv):
   else:
     for p, t in zip(prompts, texts):
       print(json.dumps({"prompt": p, "continuation": t}, ensure_ascii=False))
+
+
+def run():
+  """The `allmrec-generate` console script."""
+  launch.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax.data import prepare  # pylint: disable=g-import-not-at-top,wrong-import-position
-from allmrec_jax.data import raw  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+import launch
+from allmrec_jax.data import prepare
+from allmrec_jax.data import raw
+from configs import base
 
 _D = base.get_base_config().data
 FLAGS = flags.FLAGS
@@ -53,7 +52,6 @@ def data_config_from_flags():
   c.rating_threshold = FLAGS.rating_threshold
   c.strict = FLAGS.strict
   c.data_dir = FLAGS.data_dir
-  c.asset_cache_dir = FLAGS.asset_cache_dir
   c.candidate_seed = FLAGS.candidate_seed
   c.description_mode = FLAGS.description_mode
   return c
@@ -87,6 +85,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = data_config_from_flags()
+  if FLAGS.asset_cache_dir:
+    os.environ["ALLMREC_CACHE"] = os.path.expanduser(FLAGS.asset_cache_dir)
   t0 = time.time()
   try:
     ds = prepare.prepare_dataset(cfg, overwrite=FLAGS.overwrite)
@@ -96,6 +96,11 @@ def main(argv):
   print(summary(ds, prepare.output_dir(cfg)))
   print(f"time:           {time.time() - t0:.2f} s")
   return 0
+
+
+def run():
+  """The `allmrec-prepare` console script."""
+  launch.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,23 @@ Finished stages are restored, interrupted ones resume from their latest checkpoi
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+import launch
 from allmrec_jax import logging_utils
-from allmrec_jax.trainers import pipeline
+from allmrec_jax.trainers import runner
+from configs import base
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file (configs/ml100k.py, configs/amazon.py, ...); each "
+    "field can be overridden as --config.<field>=<value>. The fields, their defaults "
+    "(configs/base.py, the paper's values) and meaning:\n" + base.field_help(),
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -33,8 +35,20 @@ def main(argv):
   logging_utils.quiet_libraries()
   if os.environ.get("ALLMREC_DISTRIBUTED"):
     jax.distributed.initialize()
+  if _CONFIG.value.asset_cache_dir:    # the asset cache every stage reads
+    os.environ["ALLMREC_CACHE"] = os.path.expanduser(_CONFIG.value.asset_cache_dir)
   logging.info("JAX devices: %s", jax.devices())
-  pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  metrics = runner.train_and_evaluate(config, _WORKDIR.value)
+  if "stage2" in str(config.stages):      # the test table of A-LLMRec and its baselines
+    print(runner.results_table(
+        metrics, [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()],
+        f"{config.eval.split}/"))
+
+
+def run():
+  """The `allmrec-train` console script."""
+  launch.run(main, __name__)
 
 
 if __name__ == "__main__":

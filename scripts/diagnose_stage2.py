@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
 from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
@@ -59,16 +59,16 @@ def main(argv):
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
   source = "cf" if FLAGS.name == "stage2_mlp_llm" else config.stage2.item_source
-  table = pipeline.item_table_for(
+  table = runner.item_table_for(
       source, tables, config.seed,
       standardize=config.stage2.get("item_standardize", False))
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
                                 matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = pipeline.prompt_builder(ds, loaded.tokenizer, config.stage2)
+  builder = runner.prompt_builder(ds, loaded.tokenizer, config.stage2)
   rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_vars, seq)
   params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
                             builder=builder, user_rep_fn=rep_fn, item_table=table,

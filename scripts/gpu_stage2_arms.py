@@ -42,7 +42,7 @@ Run (one GPU):
   --config.stage2.item_slot=in_quotes --config.stage2.user_at_answer=True.
 
 WORKDIR should hold a finished cf/ and stage1/ (then it is only read); when either is
-missing the script first trains both there with pipeline.train_and_evaluate
+missing the script first trains both there with runner.train_and_evaluate
 (config.stages="cf,stage1"), which takes longer than the budget above.
 
 The device machine. It has no network and receives at most 64 MiB per call, while the
@@ -64,7 +64,8 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
@@ -81,7 +82,7 @@ from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
 
@@ -144,7 +145,7 @@ def export_tables(config, workdir: str | os.PathLike, path: str | os.PathLike) -
   workdir = pathlib.Path(workdir).expanduser()
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
-  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
+  tables = runner.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
   tables = {k: tables[k] for k in TABLE_KEYS}
   np.savez(path, **tables)
   return tables
@@ -172,7 +173,7 @@ def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) ->
   c = config.copy_and_resolve_references()
   c.stages = "cf,stage1"
   logging.info("%s lacks a finished cf/ or stage1/: training them", workdir)
-  pipeline.train_and_evaluate(c, workdir)
+  runner.train_and_evaluate(c, workdir)
   return True
 
 
@@ -226,8 +227,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   if tables_path:
     tables = load_tables(tables_path, ds.num_items + 1)
   else:
-    tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = pipeline.item_table_for(
+    tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  table = runner.item_table_for(
       config.stage2.item_source, tables, config.seed,
       standardize=config.stage2.get("item_standardize", False))
   cf_table = tables["cf"]
@@ -300,7 +301,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     if es_test is not None and spec.user == "cf":
       deadline -= test_reserve_s
     cfg = stage2_config(config, spec.bos, batch_size)
-    builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
+    builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
     train_rep, eval_rep = reps[spec.user]
     proj, trainer, ev = machinery(train_rep.shape[1])
     params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed),

@@ -185,7 +185,7 @@ def main(argv):
   from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import pipeline  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
@@ -196,13 +196,13 @@ def main(argv):
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, FLAGS.workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = pipeline.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = pipeline.item_table_for(cfg.item_source, tables, config.seed,
+  tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  table = runner.item_table_for(cfg.item_source, tables, config.seed,
                                    standardize=cfg.get("item_standardize", False))
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
+  builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
 
   es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
                               num_history=config.eval.num_history, max_users=0,

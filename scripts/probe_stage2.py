@@ -37,7 +37,7 @@ from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import pipeline  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
 
@@ -78,7 +78,7 @@ def main(argv):
   with config.unlocked():
     config.stage2.item_source = ("joint" if FLAGS.items in ("marker", "popularity")
                                   else FLAGS.items)
-  tables = pipeline.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
+  tables = runner.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
   marker = FLAGS.items == "marker"
   if marker:   # rows 1..N = "not the target", row N+1 = "the target" (remapped per batch)
     n_rows = tables["cf"].shape[0]
@@ -95,14 +95,14 @@ def main(argv):
     table[1:, 0] = (logc - logc.mean()) / logc.std()
     table[1:, 1] = 1.0
   else:
-    table = pipeline.item_table_for(FLAGS.items, tables, config.seed,
+    table = runner.item_table_for(FLAGS.items, tables, config.seed,
                                    standardize=cfg.get("item_standardize", False))
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
                                 matmul_dtype=config.llm.get("matmul_dtype", "") or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = pipeline.prompt_builder(ds, loaded.tokenizer, cfg)
+  builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
 
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
                                     num_history=cfg.num_history,
@@ -170,7 +170,8 @@ def main(argv):
     for j, arrays in stage2_lib.iterate_batches(ex, user_rep, builder, ds, index,
                                                 batch_size=cfg.batch_size,
                                                 num_candidates=cfg.num_candidates,
-                                                seed=config.seed, epoch=epoch):
+                                                seed=config.seed, epoch=epoch,
+                                                match_batch=stage2_lib.match_batch(cfg, use_user)):
       sel = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
       arrays["item_ids"] = mark(arrays["item_ids"], ex.targets[sel])
       state, metrics = trainer.step(state, arrays)

@@ -58,3 +58,48 @@ def test_restore_sharded(tmp_path):
   r = checkpointing.restore(mngr, abstract={"params": like})
   assert sharding.num_shards(r["params"]["w"]) == 8
   np.testing.assert_array_equal(r["params"]["w"], np.arange(16.0))
+
+
+def _zero_files(folder):
+  for p in folder.rglob("*"):
+    if p.is_file():
+      p.write_bytes(b"\0" * max(p.stat().st_size, 1))
+
+
+@pytest.mark.parametrize("damage", ["zeroed_params", "no_params", "bad_extra"])
+def test_damaged_latest_falls_back_to_previous(tmp_path, damage):
+  """Two kept steps: a damaged latest one is skipped (warning naming its folder), the
+  previous one restored; quarantine moves it aside so that the step can be saved again;
+  asking for the damaged step explicitly raises an error naming its folder."""
+  mngr = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=2)
+  for step in (1, 2):
+    checkpointing.save(mngr, step, params=_tree(float(step)), extra={"epoch": step})
+  step_dir = tmp_path / "ckpt" / "2"
+  if damage == "zeroed_params":
+    _zero_files(step_dir / "params")
+  elif damage == "no_params":
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(step_dir / "params")
+  else:
+    for p in (step_dir / "extra").rglob("*"):
+      if p.is_file():
+        p.write_text("{not json")
+  fresh = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=2)
+  with pytest.raises(checkpointing.CheckpointError, match=str(step_dir)):
+    checkpointing.restore(fresh, step=2, abstract={"params": _tree(0.0)})
+  r = checkpointing.restore(fresh, abstract={"params": _tree(0.0)}, quarantine=True)
+  assert r["step"] == 1 and r["extra"] == {"epoch": 1}
+  np.testing.assert_array_equal(r["params"]["a"], 1.0)
+  assert not step_dir.exists() and (tmp_path / "ckpt_damaged" / "2").is_dir()
+  assert fresh.all_steps() == [1]
+  checkpointing.save(fresh, 2, params=_tree(5.0), extra={"epoch": 2})
+  np.testing.assert_array_equal(checkpointing.restore(fresh)["params"]["a"], 5.0)
+
+
+def test_no_readable_step_is_an_error(tmp_path):
+  mngr = checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=2)
+  checkpointing.save(mngr, 3, params=_tree(3.0), extra={})
+  _zero_files(tmp_path / "ckpt" / "3" / "params")
+  with pytest.raises(checkpointing.CheckpointError, match="no readable checkpoint.*ckpt/3"):
+    checkpointing.restore(checkpointing.make_manager(tmp_path / "ckpt", max_to_keep=2),
+                          abstract={"params": _tree(0.0)})

@@ -122,7 +122,13 @@ def read_meta(path, fmt: dict, skipped: raw.SkipCounter, description_mode: str
     if iid in out:
       skipped.skip("meta_duplicate", path, lineno, iid)
       continue
-    out[iid] = raw.ItemText(raw.clean_text(d.get("title")),
+    title = d.get("title")
+    if title is not None and not isinstance(title, str):
+      # A JSON object/number/list is no title: counted, and the item keeps its interactions
+      # under the no-title fallback (prepare counts that too).
+      skipped.skip("meta_bad_title", path, lineno, f"title is a {type(title).__name__}")
+      title = None
+    out[iid] = raw.ItemText(raw.clean_text(title),
                             raw.pick_description(d.get("description"), description_mode),
                             _genres(d.get(fmt["genres"])))
   if not out:

@@ -1,4 +1,5 @@
-"""grain input pipelines: CF training, stage-1 and stage-2 examples, evaluation arrays.
+"""grain input pipelines of CF and stage-1 training, and the sampling streams shared with
+stage 2 (whose examples and candidate sets `trainers/stage2.py` builds on the same hashes).
 
 Each training pipeline is a `grain.MapDataset` over global step indices
 (`num_epochs * steps_per_epoch` of them); element `g` is one whole batch (a dict of int32
@@ -71,7 +72,7 @@ class BatchPlan:
   def local_batch_size(self) -> int:
     return self.batch_size // self.process_count
 
-  @functools.lru_cache(maxsize=4)
+  @functools.lru_cache(maxsize=4)  # noqa: B019  (a few epochs of one long-lived sampler)
   def permutation(self, epoch: int) -> np.ndarray:
     rng = np.random.Generator(np.random.Philox(
         np.random.SeedSequence([self.seed, self.stream, epoch])))
@@ -235,104 +236,3 @@ def shuffle_candidates(cands: np.ndarray, row_ids: np.ndarray, *, seed: int, epo
   shuffled = np.take_along_axis(cands, order, axis=1).astype(np.int32)
   target_col = np.argmax(order == 0, axis=1).astype(np.int32)
   return shuffled, target_col
-
-
-def stage2_batch(ds, users, *, maxlen, seed, epoch, num_history=10, num_candidates=20,
-                 index=None) -> dict[str, np.ndarray]:
-  """Stage-2 arrays for `users` (int[b]).
-
-  Returns:
-    seq: int32[b, maxlen] train[:-1] left-padded (for the user representation).
-    target: int32[b] the last training item.
-    history: int32[b, num_history] the last items before the target, left-padded.
-    candidates: int32[b, num_candidates] target + distinct negatives outside the user's
-      training items, shuffled.
-    target_col: int32[b] column of the target in `candidates`.
-    user: int32[b].
-  """
-  index = index or train_exclusion_index(ds)
-  starts, ends = ds.train_bounds()
-  users = np.asarray(users, np.int64)
-  seq = dataset_lib.left_pad(starts[users], ends[users] - 1, ds.seq_items, maxlen)
-  history = seq[:, -num_history:] if num_history <= maxlen else dataset_lib.left_pad(
-      starts[users], ends[users] - 1, ds.seq_items, num_history)
-  target = ds.seq_items[ends[users] - 1].astype(np.int32)
-  negs = sampling.sample_excluding(
-      users, num_candidates - 1, index,
-      sampling.hashed_draw(ds.num_items, seed, epoch, users, STREAM_STAGE2),
-      distinct=True, fallback_seed=seed)
-  cands = np.concatenate([target[:, None], negs], axis=1)
-  cands, target_col = shuffle_candidates(cands, users, seed=seed, epoch=epoch,
-                                         stream=STREAM_STAGE2_SHUFFLE)
-  return {"seq": seq, "target": target, "history": np.ascontiguousarray(history),
-          "candidates": cands, "target_col": target_col, "user": users.astype(np.int32)}
-
-
-def stage2_dataset(ds: dataset_lib.RecDataset, *, batch_size: int, maxlen: int,
-                   seed: int, num_epochs: int = 1, num_history: int = 10,
-                   num_candidates: int = 20, drop_remainder: bool = True, users=None,
-                   process_index=None, process_count=None) -> grain.MapDataset:
-  """grain MapDataset of stage-2 batches (`stage2_batch` + `mask` float32[b])."""
-  plan = _plan(ds, users, batch_size, seed, STREAM_STAGE2, drop_remainder,
-               process_index, process_count)
-  index = train_exclusion_index(ds)
-
-  def make(step):
-    epoch, u, mask = plan.rows(step)
-    out = stage2_batch(ds, u, maxlen=maxlen, seed=seed, epoch=epoch,
-                       num_history=num_history, num_candidates=num_candidates,
-                       index=index)
-    out["mask"] = mask
-    return out
-  return grain.MapDataset.range(num_epochs * plan.steps_per_epoch).map(make)
-
-
-# ---------------------------------------------------------------------- evaluation
-def eval_arrays(ds: dataset_lib.RecDataset, split: str, *, maxlen: int,
-                kind: str = "neg19", num_history: int = 10, users=None,
-                shuffle_seed: int | None = None) -> dict[str, np.ndarray]:
-  """All evaluation inputs of `split` in one shot (users with a target).
-
-  Returns:
-    user: int32[Ue] (ds.eval_users(split), or those of `users` that have a target).
-    seq: int32[Ue, maxlen] input items (valid: train; test: train + valid item).
-    history: int32[Ue, num_history] the last input items, left-padded.
-    target: int32[Ue].
-    candidates: int32[Ue, 1+k] the stored candidates; column 0 = target unless
-      `shuffle_seed` is given (then shuffled per user, deterministically).
-    target_col: int32[Ue] column of the target in `candidates`.
-  """
-  u = ds.eval_users(split).astype(np.int64)
-  if users is not None:
-    u = np.intersect1d(u, np.asarray(users, np.int64))
-  starts, ends = ds.input_bounds(split)
-  seq = dataset_lib.left_pad(starts[u], ends[u], ds.seq_items, maxlen)
-  history = dataset_lib.left_pad(starts[u], ends[u], ds.seq_items, num_history)
-  cands = ds.candidates(split, kind)[u]
-  target_col = np.zeros(u.size, np.int32)
-  if shuffle_seed is not None:
-    cands, target_col = shuffle_candidates(cands, u, seed=shuffle_seed, epoch=0,
-                                           stream=STREAM_EVAL_SHUFFLE)
-  return {"user": u.astype(np.int32), "seq": seq, "history": history,
-          "target": ds.targets(split)[u], "candidates": cands.astype(np.int32),
-          "target_col": target_col}
-
-
-def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, *,
-                 process_index=None, process_count=None):
-  """Yields fixed-size batches of `eval_arrays` output (last one padded, `mask` float32[b]).
-
-  Multi-host: each process gets its contiguous share of every global batch.
-  """
-  pi, pc = _process_info(process_index, process_count)
-  if batch_size % pc:
-    raise ValueError(f"batch_size={batch_size} not divisible by process_count={pc}")
-  n = next(iter(arrays.values())).shape[0]
-  lb = batch_size // pc
-  for lo in range(0, n, batch_size):
-    idx = lo + pi * lb + np.arange(lb)
-    mask = (idx < n).astype(np.float32)
-    idx = np.minimum(idx, n - 1)
-    out = {k: v[idx] for k, v in arrays.items()}
-    out["mask"] = mask
-    yield out

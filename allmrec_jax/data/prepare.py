@@ -107,8 +107,7 @@ def read_raw(data_cfg) -> raw.RawInteractions:
   kind, directory, name = opts["kind"], opts["directory"], opts["name"]
   if directory == "<asset:ml-100k>":
     from allmrec_jax import assets  # pylint: disable=g-import-not-at-top
-    directory = str(assets.get_asset("ml-100k",
-                                     cache_dir=_get(data_cfg, "asset_cache_dir", "") or None))
+    directory = str(assets.get_asset("ml-100k"))    # the cache of $ALLMREC_CACHE / default
   if kind == "atomic":
     return atomic.read_atomic(directory, name, strict=strict)
   if kind == "amazon2018":

@@ -15,7 +15,7 @@ DENSE_LIMIT bytes, else one sorted int64 array of keys `user * (N + 1) + item` a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -87,7 +87,7 @@ class ExclusionIndex:
     self.user_ptr = np.zeros(self.num_users + 1, np.int64)
     np.cumsum(self.sizes, out=self.user_ptr[1:])
 
-  def restrict(self, users: np.ndarray) -> "ExclusionIndex":
+  def restrict(self, users: np.ndarray) -> ExclusionIndex:
     """The same index over `users` only: a small key array that stays in cache."""
     u = np.unique(np.asarray(users, np.int64))
     idx, _ = ranges_to_index(self.user_ptr[u], self.user_ptr[u + 1])
@@ -98,7 +98,7 @@ class ExclusionIndex:
 
   @classmethod
   def from_ranges(cls, starts: np.ndarray, ends: np.ndarray, items: np.ndarray,
-                  num_items: int) -> "ExclusionIndex":
+                  num_items: int) -> ExclusionIndex:
     """Excludes `items[starts[u]:ends[u]]` for each user u (int64[U] bounds)."""
     idx, users = ranges_to_index(starts, ends)
     return cls(users, items[idx], len(starts), num_items)

@@ -77,7 +77,9 @@ class ColdUserSplit:
 
   def eval_arrays(self, *, maxlen: int, num_history: int = 10,
                   shuffle_seed: int | None = None) -> dict[str, np.ndarray]:
-    """Same keys as `pipelines.eval_arrays`; `user` = row in this cold set."""
+    """{user int32[Uc] (row in this cold set), seq int32[Uc, maxlen], history
+    int32[Uc, H] (left-padded), target int32[Uc], candidates int32[Uc, 20] (column 0 = the
+    target unless `shuffle_seed` shuffles them), target_col int32[Uc]}."""
     n = self.num_users
     hist = self.items[:, :2]
     seq = np.zeros((n, maxlen), np.int32)

@@ -112,7 +112,7 @@ def activation(name: str):
   return table[name]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def low_precision_dense(operand_dtype, weight_grad_dtype=None):
   """f(x float[..., K], w float[K, N]) -> float32[..., N]: x . w with operands rounded to
   `operand_dtype` and float32 accumulation, in the forward pass and for the input gradient;

@@ -9,7 +9,8 @@ by the loader).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np

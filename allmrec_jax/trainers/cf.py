@@ -183,11 +183,13 @@ def eval_ranks(model: nn.Module, params: PyTree, seq: jax.Array, cand20: jax.Arr
 class Evaluator:
   """Whole-split evaluation in fixed-size jitted chunks (one compilation per model)."""
 
-  def __init__(self, model: nn.Module, dataset, maxlen: int, chunk: int = 256):
+  def __init__(self, model: nn.Module, dataset, maxlen: int, chunk: int = 256,
+               cold_fraction: float = 0.35):
     self.model = model
     self.dataset = dataset
     self.maxlen = maxlen
     self.chunk = int(chunk)
+    self.cold_fraction = float(cold_fraction)
     self._arrays: dict[str, dict[str, np.ndarray]] = {}
     self._ranks = _jitted_ranks(model)
 
@@ -234,7 +236,8 @@ class Evaluator:
     out = metrics_lib.cf_protocol_metrics(r["rank20"], r["rank101"], r["rank_full"], prefix)
     out[f"{prefix}num_users"] = float(r["user"].size)
     if breakdown:
-      for group, mask in _breakdown_groups(self.dataset, split, r["user"]).items():
+      for group, mask in _breakdown_groups(self.dataset, split, r["user"],
+                                                self.cold_fraction).items():
         if mask.any():
           m = metrics_lib.cf_protocol_metrics(r["rank20"], r["rank101"], r["rank_full"],
                                               f"{prefix}{group}/", weights=mask)
@@ -243,11 +246,12 @@ class Evaluator:
     return out
 
 
-def _breakdown_groups(dataset, split: str, users: np.ndarray) -> dict[str, np.ndarray]:
+def _breakdown_groups(dataset, split: str, users: np.ndarray, cold_fraction: float
+                      ) -> dict[str, np.ndarray]:
   """bool[Ue] user masks of the cold / warm target-item groups (scenarios module)."""
   try:
     from allmrec_jax.data import scenarios  # pylint: disable=g-import-not-at-top
-    groups = scenarios.cold_warm_users(dataset, split)
+    groups = scenarios.cold_warm_users(dataset, split, cold_fraction)
   except (ImportError, AttributeError, ValueError) as e:
     logging.warning("cf: cold/warm breakdown unavailable: %s", e)
     return {}
@@ -378,11 +382,12 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   state = _on_mesh({"params": params, "opt_state": jax.jit(tx.init)(params),
                     "step": jnp.zeros((), jnp.int32)}, mesh)
 
-  mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1,
+  mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2,
                                     best_metric=cfc.select_metric)
   start_epoch, best, bad = 0, -math.inf, 0
   restored = checkpointing.restore(mngr, abstract={"params": state["params"],
-                                                   "opt_state": state["opt_state"]})
+                                                   "opt_state": state["opt_state"]},
+                                   quarantine=True)
   if restored is not None:
     state = _on_mesh({"params": restored["params"], "opt_state": restored["opt_state"],
                       "step": jnp.asarray(restored["extra"]["train_step"], jnp.int32)}, mesh)
@@ -409,9 +414,11 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   epoch_fn = _jitted_epoch(model, str(cfc.loss), float(cfc.lr), float(cfc.b1), float(cfc.b2),
                            float(_cf(config, "grad_clip", 0.0) or 0.0), grad_splits(config))
   run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
-  evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)))
+  evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)),
+                        cold_fraction=float(config.data.cold_fraction))
   tb = logging_utils.TensorBoard(out_dir / "tb")
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
+  ckpt_every = max(int(cfc.ckpt_every), 1)
   stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
   bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,
                   bool(_cf(config, "progress", True)))
@@ -434,7 +441,8 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     if not math.isfinite(loss):
       raise FloatingPointError(f"cf: training loss is {loss} at epoch {epoch} "
                                "(lower config.cf.lr?)")
-    if epoch % eval_every == 0 or epoch == num_epochs:
+    evaluated = epoch % eval_every == 0 or epoch == num_epochs
+    if evaluated:
       t1 = time.perf_counter()
       valid = evaluator.evaluate(state["params"], "valid")
       record.update(valid)
@@ -445,12 +453,15 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
       else:
         bad += 1
       stopped_early = bad >= int(cfc.patience)
+      logging.info("cf epoch %d: loss %.4f %s %.4f (best %.4f)", epoch, loss,
+                   cfc.select_metric, value, best)
+    if evaluated or epoch % ckpt_every == 0:
+      # Evaluation epochs carry the selection metric (best-checkpoint candidates); the
+      # others only bound the work lost to an interruption.
       checkpointing.save(mngr, epoch, params=state["params"], opt_state=state["opt_state"],
                          extra={"epoch": epoch, "train_step": int(state["step"]),
                                 "best": best, "bad": bad, "stopped": stopped_early},
-                         metrics={cfc.select_metric: value})
-      logging.info("cf epoch %d: loss %.4f %s %.4f (best %.4f)", epoch, loss,
-                   cfc.select_metric, value, best)
+                         metrics={cfc.select_metric: value} if evaluated else None)
     _append_jsonl(out_dir / "metrics.jsonl", record)
     tb.scalars(epoch, record)
     if stop_after_epoch is not None and epoch >= stop_after_epoch:

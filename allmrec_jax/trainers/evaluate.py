@@ -58,7 +58,7 @@ class EvalSet:
     np.put_along_axis(out, self.order, prompt_scores, axis=1)
     return out
 
-  def take(self, idx) -> "EvalSet":
+  def take(self, idx) -> EvalSet:
     return EvalSet(self.users[idx], self.seq[idx], self.history[idx],
                    self.candidates[idx], self.order[idx])
 

@@ -76,7 +76,7 @@ class Stage1Config:
   checkpoint_every: int = 0
   log_every: int = 1
   eval_batch_size: int = 256
-  cold_fraction: float = 0.35
+  cold_fraction: float = 0.35  # config.data.cold_fraction
   pack_texts: bool = True
   compact_vocab: bool = True
   text_standardize: bool = False
@@ -87,10 +87,11 @@ class Stage1Config:
   @classmethod
   def from_config(cls, config) -> Stage1Config:
     s = config.stage1
-    names = {f.name for f in dataclasses.fields(cls)} - {"maxlen", "text_max_len", "seed"}
+    outside = {"maxlen", "text_max_len", "seed", "cold_fraction"}
+    names = {f.name for f in dataclasses.fields(cls)} - outside
     kw = {n: s[n] for n in names if n in s}
     cfg = cls(maxlen=int(config.data.maxlen), text_max_len=int(config.sbert.max_len),
-              seed=int(config.seed), **kw)
+              seed=int(config.seed), cold_fraction=float(config.data.cold_fraction), **kw)
     for n in ("latent_dim", "batch_size", "num_epochs", "text_max_len", "maxlen"):
       if getattr(cfg, n) <= 0:
         raise ValueError(f"config.stage1.{n} must be > 0, got {getattr(cfg, n)}")
@@ -631,11 +632,12 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   if stats is not None:
     frozen["text_stats"] = stats
 
-  manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=1)
+  manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=2)
   iterator = pipelines.make_iterator(data)
   step = 0
   restored = checkpointing.restore(manager, abstract={"params": trainable,
-                                                      "opt_state": opt_state})
+                                                      "opt_state": opt_state},
+                                   quarantine=True)
   if restored is not None:
     trainable, opt_state = restored["params"], restored["opt_state"]
     step = int(restored["extra"]["step"])

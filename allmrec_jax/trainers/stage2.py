@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from absl import logging
 import flax.linen as nn
@@ -71,19 +71,40 @@ def lm_loss(proj_params: PyTree, llm_params: PyTree, item_table: jax.Array,
 
 
 def user_match_loss(proj_params: PyTree, item_table: jax.Array, batch: dict[str, jax.Array],
-                    *, projectors: nn.Module, temperature: float) -> jax.Array:
-  """InfoNCE of [U] against the prompt's candidate tokens (config.stage2.user_match_weight;
-  a named variant beyond the paper, whose stage 2 has the LM loss only).
+                    *, projectors: nn.Module, temperature: float,
+                    negatives: str = "prompt") -> jax.Array:
+  """InfoNCE of [U] against item tokens (config.stage2.user_match_weight; a named variant
+  beyond the paper, whose stage 2 has the LM loss only).
 
-  logits[b, c] = cos(F_U(x_u[b]), F_I(e[cand[b, c]])) / temperature; the target is the
-  candidate equal to `target_item[b]`. It asks F_U directly to point at the target's item
-  token, which the frozen LM can then copy from (the in_quotes layout).
+  logits[b, c] = cos(F_U(x_u[b]), F_I(e[c])) / temperature with the target item as the
+  positive. `negatives` (config.stage2.user_match_negatives): "prompt" = c runs over the
+  prompt's candidates `cand_items[b]`; "catalog" = over every item of the table (rows 1..N;
+  row 0 is padding), a full-softmax retrieval loss, whose examples are the prompts' plus,
+  when the batch has them (config.stage2.user_match_batch), the extra training examples
+  `match_user_rep` / `match_target` (no prompt, no LLM pass: a few MLP rows each). It asks
+  F_U directly to point at the target's item token, which the frozen LM can then copy from
+  (the in_quotes layout).
   """
+  if negatives == "catalog":
+    reps, targets = batch["user_rep"], batch["target_item"]
+    if "match_user_rep" in batch:
+      reps = jnp.concatenate([reps, batch["match_user_rep"].astype(reps.dtype)], axis=0)
+      targets = jnp.concatenate([targets, batch["match_target"]], axis=0)
+    u = projectors.apply(proj_params, reps, method=projectors.user).astype(jnp.float32)
+    u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-6)
+    c = projectors.apply(proj_params, item_table[1:], method=projectors.item)
+    c = c.astype(jnp.float32)
+    c = c / (jnp.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
+    logits = jnp.einsum("be,ne->bn", u, c) / temperature
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets - 1))
+  if negatives != "prompt":
+    raise ValueError(f"config.stage2.user_match_negatives must be 'prompt' or 'catalog', "
+                     f"got {negatives!r}")
   u = projectors.apply(proj_params, batch["user_rep"], method=projectors.user)
-  c = projectors.apply(proj_params, item_table[batch["cand_items"]], method=projectors.item)
   u = u.astype(jnp.float32)
-  c = c.astype(jnp.float32)
   u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-6)
+  c = projectors.apply(proj_params, item_table[batch["cand_items"]], method=projectors.item)
+  c = c.astype(jnp.float32)
   c = c / (jnp.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
   logits = jnp.einsum("be,bce->bc", u, c) / temperature
   labels = (batch["cand_items"] == batch["target_item"][:, None]).astype(jnp.float32)
@@ -96,8 +117,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 
 def train_step(state: dict, llm_params: PyTree, item_table: jax.Array,
                batch: dict[str, jax.Array], *, llm, projectors, optimizer, use_user,
-               use_items, match_weight: float = 0.0, match_temperature: float = 0.1
-               ) -> tuple[dict, dict]:
+               use_items, match_weight: float = 0.0, match_temperature: float = 0.1,
+               match_negatives: str = "prompt") -> tuple[dict, dict]:
   """One Adam step on the projectors. state = {"params", "opt_state", "step"}.
 
   The objective is the LM loss (reported as train/loss), plus match_weight x
@@ -109,7 +130,8 @@ def train_step(state: dict, llm_params: PyTree, item_table: jax.Array,
     total = loss
     if match_weight > 0:
       aux["match"] = user_match_loss(params, item_table, batch, projectors=projectors,
-                                     temperature=match_temperature)
+                                     temperature=match_temperature,
+                                     negatives=match_negatives)
       total = loss + match_weight * aux["match"]
     return total, (loss, aux)
 
@@ -200,11 +222,14 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
                     ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex, *,
                     batch_size: int, num_candidates: int, seed: int, epoch: int,
                     start_batch: int = 0, soft: bool = True,
-                    shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, dict]]:
+                    shard: tuple[int, int] = (0, 1), match_batch: int = 0
+                    ) -> Iterator[tuple[int, dict]]:
   """Yields (batch index, arrays) of one epoch, from `start_batch` (resume).
 
   The last incomplete batch is dropped (static shapes). `shard` = (process index, count):
-  each host builds its slice of every global batch.
+  each host builds its slice of every global batch. `match_batch` > 0 adds that many extra
+  training examples for the match term (`match_user_rep`, `match_target`), drawn by a hash
+  of (seed, epoch, batch index), so a resumed epoch draws the same ones.
   """
   order = epoch_order(len(ex.users), seed, epoch)
   n_batches = len(order) // batch_size
@@ -219,6 +244,12 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
     arrays["user_rep"] = user_rep[sel].astype(np.float32)
     arrays["cand_items"] = cands.astype(np.int32)
     arrays["target_item"] = ex.targets[sel].astype(np.int32)
+    if match_batch:
+      keys = sampling.hash_u64(29, seed, epoch, j * len(ex.users) + np.arange(len(ex.users)))
+      extra = np.argsort(keys, kind="stable")[:match_batch]
+      extra = extra[pi * (match_batch // pc):(pi + 1) * (match_batch // pc)]
+      arrays["match_user_rep"] = user_rep[extra].astype(np.float32)
+      arrays["match_target"] = ex.targets[extra].astype(np.int32)
     yield j, arrays
 
 
@@ -226,8 +257,23 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
 def match_options(cfg, enabled: bool = True) -> dict[str, float]:
   """Stage2Trainer's match_weight / match_temperature from config.stage2 (0 when the
   ablation drops a soft token, e.g. the MLP-LLM or w/o-user runs keep the LM loss)."""
-  return {"match_weight": float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0,
-          "match_temperature": float(cfg.get("user_match_temperature", 0.1))}
+  weight = float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0
+  negatives = str(cfg.get("user_match_negatives", "prompt"))
+  if weight and int(cfg.get("user_match_batch", 0)) and negatives != "catalog":
+    raise ValueError("config.stage2.user_match_batch > 0 needs "
+                     "config.stage2.user_match_negatives='catalog' (extra examples have no "
+                     "prompt candidates)")
+  return {"match_weight": weight,
+          "match_temperature": float(cfg.get("user_match_temperature", 0.1)),
+          "match_negatives": negatives}
+
+
+def match_batch(cfg, enabled: bool = True) -> int:
+  """Extra match-term examples per step (config.stage2.user_match_batch; 0 when the match
+  term is off)."""
+  if not enabled or not float(cfg.get("user_match_weight", 0.0)):
+    return 0
+  return int(cfg.get("user_match_batch", 0))
 
 
 class Stage2Trainer:
@@ -235,7 +281,7 @@ class Stage2Trainer:
 
   def __init__(self, *, llm, llm_params, projectors, item_table, optimizer, mesh=None,
                rules=None, use_user=True, use_items=True, match_weight: float = 0.0,
-               match_temperature: float = 0.1):
+               match_temperature: float = 0.1, match_negatives: str = "prompt"):
     self.llm, self.projectors, self.optimizer = llm, projectors, optimizer
     self.mesh = mesh or sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     self.rules = rules
@@ -248,7 +294,8 @@ class Stage2Trainer:
     step = functools.partial(train_step, llm=llm, projectors=projectors,
                              optimizer=optimizer, use_user=use_user, use_items=use_items,
                              match_weight=float(match_weight),
-                             match_temperature=float(match_temperature))
+                             match_temperature=float(match_temperature),
+                             match_negatives=str(match_negatives))
     self._step = jax.jit(step, donate_argnums=(0,))
     self.compiled_shapes: set[tuple] = set()
 
@@ -365,10 +412,11 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
                           **match_options(cfg, use_user and use_items))
   state = trainer.init_state(init_projectors(projectors, jax.random.PRNGKey(config.seed),
                                              item_table.shape[1], user_rep.shape[1]))
-  manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=1)
+  manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2)
   epoch, start_batch = 0, 0
   restored = checkpointing.restore(manager, abstract={"params": state["params"],
-                                                      "opt_state": state["opt_state"]})
+                                                      "opt_state": state["opt_state"]},
+                                   quarantine=True)
   if restored is not None:
     state = {"params": restored["params"], "opt_state": restored["opt_state"],
              "step": jax.device_put(jnp.asarray(restored["step"], jnp.int32),
@@ -410,7 +458,8 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
     for j, arrays in iterate_batches(ex, user_rep, builder, ds, index,
                                      batch_size=cfg.batch_size,
                                      num_candidates=cfg.num_candidates, seed=config.seed,
-                                     epoch=epoch, start_batch=start_batch, shard=shard):
+                                     epoch=epoch, start_batch=start_batch, shard=shard,
+                                     match_batch=match_batch(cfg, use_user and use_items)):
       state, metrics = trainer.step(state, arrays)
       step += 1
       tok_acc += float(arrays["attention_mask"].sum())

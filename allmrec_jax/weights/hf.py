@@ -65,17 +65,27 @@ class DictSource(TensorSource):
     return t if isinstance(t, np.ndarray) else torch_to_numpy(t)
 
 
+def safe_open(path, framework: str):
+  """safetensors.safe_open whose errors (cut file, bad header) name the file."""
+  import safetensors  # pylint: disable=import-outside-toplevel
+  try:
+    return safetensors.safe_open(str(path), framework=framework)
+  except Exception as e:   # SafetensorError, OSError: one line naming the file
+    msg = " ".join(str(e).split())[:200]
+    raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                     f"{msg}); download it again") from e
+
+
 class SafetensorsSource(TensorSource):
   """model.safetensors or sharded model-0000x-of-0000y.safetensors (+ index json)."""
 
   def __init__(self, files: list[pathlib.Path]):
-    import safetensors  # pylint: disable=import-outside-toplevel
     self._handles = {}
     self._where = {}
     for f in files:
-      h = safetensors.safe_open(str(f), framework="pt")
+      h = safe_open(f, framework="pt")
       self._handles[f] = h
-      for k in h.keys():
+      for k in h.keys():  # noqa: SIM118  (a safetensors handle: no __iter__)
         self._where[k] = f
 
   def names(self):

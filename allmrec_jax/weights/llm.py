@@ -1,7 +1,6 @@
 """Load a causal LM (HF directory or .gguf) into a sharded Flax decoder + tokenizer.
 
-    loaded = load_llm(path, dtype="float32", mesh=None, rules=None,
-                      extra_special_tokens=("[HistoryEmb]", "[CandidateEmb]"))
+    loaded = load_llm(path, dtype="float32", mesh=None, rules=None)
     logits, aux = loaded.module.apply({"params": loaded.params}, input_ids=ids)
 
 Parameters are never materialised twice: the abstract parameter tree (jax.eval_shape) gives
@@ -9,10 +8,9 @@ every destination's shape and sharding; each source tensor is read (and dequanti
 GGUF), re-laid out (transpose / head split) and `device_put` straight into its sharded
 destination before the next tensor is read. Peak host memory is about the largest tensor.
 
-Extra special tokens are added to the tokenizer; when their ids fall outside the embedding
-table the table (and an untied LM head) grows to len(tokenizer) rows. The rows of every
-added token are set to the mean of the original rows (documented choice; the stage-2
-trainer may overwrite them).
+The vocabulary is the checkpoint's: A-LLMRec's soft slots ([UserRep], [HistoryEmb],
+[CandidateEmb]) are prompt positions whose input embeddings are replaced (data/prompts.py),
+not added tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from absl import logging
 import flax.linen as nn
@@ -204,46 +203,6 @@ def load_params(module, config, source: hf_lib.TensorSource, mesh=None, rules=No
                 for path, _ in leaves_with_path])
 
 
-def grow_vocab(params: Any, config, new_vocab: int, new_ids: Sequence[int], mesh=None,
-               rules=None):
-  """Grows the embedding (and untied head) to `new_vocab` rows and sets rows `new_ids` to the
-  mean of the first `config.vocab_size` rows. Only the two tables are rebuilt (each
-  straight into its sharding); the other parameters are untouched. Returns (params, config).
-  """
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  old = config.vocab_size
-  new_config = dataclasses.replace(config, vocab_size=max(new_vocab, old))
-  ids = np.asarray(list(new_ids), np.int32)
-  pad = new_config.vocab_size - old
-  shardings = None
-  if mesh is not None:
-    module = llm_models.make_decoder(new_config)
-    shardings = param_shardings(abstract_params(module, new_config), mesh, rules)
-
-  def fix(table, axis):
-    """table [V, E] (axis 0) or [E, V] (axis 1) -> grown table with mean rows at `ids`."""
-    t = table if axis == 0 else table.T
-    mean = jnp.mean(t[:old].astype(jnp.float32), axis=0).astype(t.dtype)
-    t = jnp.pad(t, [(0, pad), (0, 0)]) if pad else t
-    if ids.size:
-      t = t.at[jnp.asarray(ids)].set(jnp.broadcast_to(mean, (ids.size, t.shape[1])))
-    return t if axis == 0 else t.T
-
-  def rebuild(table, axis, sharding):
-    fn = jax.jit(lambda x: fix(x, axis), out_shardings=sharding)
-    return fn(table)
-
-  params = dict(params)
-  params["embed"] = {"embedding": rebuild(
-      params["embed"]["embedding"], 0,
-      shardings["embed"]["embedding"] if shardings is not None else None)}
-  if "lm_head" in params:
-    params["lm_head"] = {"kernel": rebuild(
-        params["lm_head"]["kernel"], 1,
-        shardings["lm_head"]["kernel"] if shardings is not None else None)}
-  return params, new_config
-
-
 def _gguf_tokenizer_cache(gguf_path: pathlib.Path) -> tuple[pathlib.Path, str]:
   st = gguf_path.stat()
   return gguf_path.parent / f"{gguf_path.name}.tokenizer", f"{st.st_size}:{int(st.st_mtime)}"
@@ -312,7 +271,7 @@ def read_config(path: pathlib.Path, dtype: str = "float32", **overrides):
 
 
 def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
-             extra_special_tokens: Sequence[str] = (), remat: bool = False,
+             remat: bool = False,
              matmul_dtype: str = "") -> LoadedLLM:
   """Loads decoder parameters (sharded over `mesh` when given) and the tokenizer.
 
@@ -321,8 +280,6 @@ def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
       .gguf file, or ""/None/"smollm2-135m" for the embedded SmolLM2-135M-Instruct.
     dtype: "float32" | "bfloat16": compute and parameter dtype.
     mesh, rules: device mesh and logical-axis rules (None = one device).
-    extra_special_tokens: added to the tokenizer (ids from len(tokenizer) on); the embedding
-      grows when needed and their rows start as the mean embedding row.
     remat: rematerialise each decoder layer (stage-2 training).
     matmul_dtype: "" = matmuls in `dtype`; "bfloat16" with dtype "float32" = the dense
       layers' and LM head's matmul operands rounded to bfloat16 with float32 accumulation
@@ -337,11 +294,4 @@ def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
   tokenizer = _load_tokenizer(path.parent if gguf_file else path, gguf_file)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
-  if extra_special_tokens:
-    before = len(tokenizer)
-    tokenizer.add_tokens(list(extra_special_tokens), special_tokens=True)
-    new_ids = [i for i in tokenizer.convert_tokens_to_ids(list(extra_special_tokens))
-               if i >= before]
-    params, config = grow_vocab(params, config, len(tokenizer), new_ids, mesh, rules)
-    module = llm_models.make_decoder(config)
   return LoadedLLM(module, params, tokenizer, config)

@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 
 from allmrec_jax import sharding as shd
 from allmrec_jax.models.text import bert
@@ -51,7 +50,7 @@ def read_pooling_info(path: pathlib.Path, hidden_size: int) -> dict[str, Any]:
       pool_dir = path / m.get("path", "1_Pooling")
     elif kind.endswith(".Normalize"):
       info["normalize"] = True
-    elif kind.endswith(".Transformer") or kind.endswith(".models.Transformer"):
+    elif kind.endswith((".Transformer", ".models.Transformer")):
       pass
     else:
       raise ValueError(f"{modules_file}: unsupported sentence-transformers module {kind!r}")
@@ -200,8 +199,8 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
   if not weights_file.exists():
     raise FileNotFoundError(f"load_sbert: missing {weights_file}")
   loaded: dict[tuple[str, ...], jax.Array] = {}
-  with safetensors.safe_open(str(weights_file), framework="numpy") as f:
-    for name in f.keys():
+  with hf_lib.safe_open(weights_file, framework="numpy") as f:
+    for name in f.keys():  # noqa: SIM118  (a safetensors handle: no __iter__)
       tgt = _target(name)
       if tgt is None:
         continue

@@ -17,6 +17,16 @@ def _jsonl(path):
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
+def _assert_same_run(m_a, params_a, m_b, params_b):
+  """Same final metrics (timing aside) and parameters."""
+  for k, v in m_a.items():
+    if k.endswith("time_s") or not isinstance(v, float):
+      continue
+    assert m_b[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               params_a, params_b)
+
+
 def test_train_resume_skip_load(tmp_path, pattern_dataset):
   """Tiny end-to-end run; an interrupted + resumed run equals the uninterrupted one."""
   config = tiny_config("sasrec", num_epochs=6, eval_every=3)
@@ -41,12 +51,7 @@ def test_train_resume_skip_load(tmp_path, pattern_dataset):
   cf_trainer.train_and_evaluate(config, wd_b, pattern_dataset, stop_after_epoch=3)
   assert not (wd_b / "cf" / "FINISHED").exists()
   _, params_b, m_b = cf_trainer.train_and_evaluate(config, wd_b, pattern_dataset)
-  for k, v in m_a.items():
-    if k.endswith("time_s") or not isinstance(v, float):
-      continue
-    assert m_b[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-               params_a, params_b)
+  _assert_same_run(m_a, params_a, m_b, params_b)
   assert [r["train/loss"] for r in _jsonl(wd_b / "cf" / "metrics.jsonl")] == pytest.approx(
       [r["train/loss"] for r in log], rel=1e-6)
 
@@ -143,3 +148,20 @@ def test_grad_splits_is_the_same_objective(pattern_dataset, name):
   config.cf.grad_splits = 3
   with pytest.raises(ValueError, match="config.cf.grad_splits"):
     cf_trainer.grad_splits(config)
+
+
+def test_checkpoint_cadence_apart_from_evaluation(tmp_path, pattern_dataset):
+  """cf.ckpt_every bounds the epochs an interruption loses, independent of eval_every:
+  killed after epoch 5 (validation every 3, checkpoints every 2), the run resumes at epoch
+  4 and ends identical to the uninterrupted one, its metrics log without duplicates."""
+  config = tiny_config("sasrec", num_epochs=6, eval_every=3)
+  config.cf.ckpt_every = 2
+  _, params_a, m_a = cf_trainer.train_and_evaluate(config, tmp_path / "a", pattern_dataset)
+  wd = tmp_path / "b"
+  cf_trainer.train_and_evaluate(config, wd, pattern_dataset, stop_after_epoch=5)
+  steps = cf_trainer.checkpointing.make_manager(wd / "cf" / "ckpt", read_only=True).all_steps()
+  assert sorted(steps) == [3, 4], steps    # epoch 2 rotated out; 5 is no checkpoint epoch
+  _, params_b, m_b = cf_trainer.train_and_evaluate(config, wd, pattern_dataset)
+  _assert_same_run(m_a, params_a, m_b, params_b)
+  log = _jsonl(wd / "cf" / "metrics.jsonl")
+  assert [r["epoch"] for r in log] == list(range(1, 7))

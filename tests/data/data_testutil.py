@@ -41,7 +41,7 @@ def write_amazon(directory, fmt, category="Toys"):
   """
   key = "asin" if fmt == "amazon2018" else "parent_asin"
   user_key = "reviewerID" if fmt == "amazon2018" else "user_id"
-  r = lambda *a: _review(fmt, *a)  # noqa: E731
+  r = lambda *a: _review(fmt, *a)
   reviews = [
       r("A", "i1", 5.0, 100),
       r("A", "i2", 4.0, 50),

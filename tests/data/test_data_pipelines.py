@@ -141,42 +141,37 @@ def test_stage1_examples(ml100k):
     assert b["neg"][r] not in train and b["neg"][r] > 0
 
 
-def test_stage2_examples(ml100k):
-  d = pipelines.stage2_dataset(ml100k, batch_size=8, maxlen=MAXLEN, seed=0,
-                               process_index=0, process_count=1)
-  b = d[1]
-  assert b["candidates"].shape == (8, 20) and b["history"].shape == (8, 10)
+def test_stage2_examples_and_candidates_of_the_trainer(ml100k):
+  """trainers/stage2's data path: examples at the last P training positions, candidate sets
+  of the target + distinct negatives outside the user's history, shuffled, keyed by (seed,
+  epoch, example id) only (a resumed epoch draws the same sets)."""
+  from allmrec_jax.trainers import stage2  # pylint: disable=g-import-not-at-top
+  ex = stage2.training_examples(ml100k, maxlen=MAXLEN, num_history=10, positions_per_user=2)
+  assert ex.users.size == 2 * ml100k.num_users          # every ml-100k user has >= 3 items
+  for x in (0, 5, ml100k.num_users + 5):                 # first and second position
+    u, k = int(ex.users[x]), 1 + x // ml100k.num_users
+    train = ml100k.train_items(u)
+    assert ex.targets[x] == train[-k]
+    np.testing.assert_array_equal(ex.seq[x][-min(MAXLEN, train.size - k):],
+                                  train[:-k][-MAXLEN:])
+    np.testing.assert_array_equal(ex.history[x], ex.seq[x][-10:])
+  index = pipelines.train_exclusion_index(ml100k)
+  ids = np.arange(0, 64)
+  c = stage2.sample_candidates(ml100k, index, ex.users[ids], ex.targets[ids], ids, 20,
+                               seed=0, epoch=0)
+  assert c.shape == (64, 20) and c.dtype == np.int32
   cols = []
-  for r, u in enumerate(b["user"]):
-    train = ml100k.train_items(int(u))
-    assert b["target"][r] == train[-1]
-    np.testing.assert_array_equal(b["history"][r], train[:-1][-10:])
-    c = b["candidates"][r]
-    assert c[b["target_col"][r]] == train[-1]
-    assert np.unique(c).size == 20
-    negs = np.delete(c, b["target_col"][r])
-    assert not np.isin(negs, train).any()
-    cols.append(int(b["target_col"][r]))
-  assert len(set(cols)) > 1                               # shuffled
-  assert _equal(d[1], pipelines.stage2_dataset(
-      ml100k, batch_size=8, maxlen=MAXLEN, seed=0, process_index=0, process_count=1)[1])
-
-
-def test_eval_arrays(ml100k):
-  e = pipelines.eval_arrays(ml100k, "test", maxlen=MAXLEN)
-  assert e["seq"].shape == (943, MAXLEN) and e["candidates"].shape == (943, 20)
-  np.testing.assert_array_equal(e["candidates"][:, 0], e["target"])
-  u = 17
-  s = ml100k.sequence(u)
-  np.testing.assert_array_equal(e["seq"][u], s[:-1][-MAXLEN:])
-  np.testing.assert_array_equal(e["history"][u], s[:-1][-10:])
-  sh = pipelines.eval_arrays(ml100k, "valid", maxlen=MAXLEN, kind="neg100",
-                             shuffle_seed=1)
-  assert sh["candidates"].shape == (943, 101)
-  rows = np.arange(943)
-  np.testing.assert_array_equal(sh["candidates"][rows, sh["target_col"]], sh["target"])
-  np.testing.assert_array_equal(np.sort(sh["candidates"], 1),
-                                np.sort(ml100k.candidates("valid", "neg100"), 1))
-  batches = list(pipelines.eval_batches(e, 400, process_index=0, process_count=1))
-  assert [b["mask"].sum() for b in batches] == [400, 400, 143]
-  assert all(b["seq"].shape == (400, MAXLEN) for b in batches)
+  for r, x in enumerate(ids):
+    train = ml100k.train_items(int(ex.users[x]))
+    assert np.unique(c[r]).size == 20 and (c[r] == ex.targets[x]).sum() == 1
+    assert not np.isin(c[r][c[r] != ex.targets[x]], train).any()
+    cols.append(int(np.flatnonzero(c[r] == ex.targets[x])[0]))
+  assert len(set(cols)) > 5                               # the target's column is shuffled
+  np.testing.assert_array_equal(c[10:20], stage2.sample_candidates(
+      ml100k, index, ex.users[ids[10:20]], ex.targets[ids[10:20]], ids[10:20], 20, seed=0,
+      epoch=0))                                           # a batch's sets: ids, not position
+  assert not np.array_equal(c, stage2.sample_candidates(
+      ml100k, index, ex.users[ids], ex.targets[ids], ids, 20, seed=0, epoch=1))
+  order = stage2.epoch_order(ex.users.size, 0, 3)
+  np.testing.assert_array_equal(np.sort(order), np.arange(ex.users.size))
+  np.testing.assert_array_equal(order, stage2.epoch_order(ex.users.size, 0, 3))

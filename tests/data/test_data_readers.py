@@ -212,3 +212,22 @@ def test_prepared_cache_follows_raw_changes_and_strict(tmp_path):
   (out / "dataset.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"dataset\.json: corrupt processed dataset"):
     prepare.prepare_dataset(cfg)
+
+
+def test_amazon_title_of_wrong_type_is_counted_not_stringified(tmp_path):
+  """A title that is an object, a number or a list is no title: counted as meta_bad_title
+  (the item keeps its interactions with an empty title); --strict names file:line."""
+  meta = ['{"asin": "a", "title": {"x": 1}}', '{"asin": "b", "title": 42}',
+          '{"asin": "c", "title": ["t"]}', '{"asin": "d", "title": "Good"}',
+          '{"asin": "e"}']
+  write_gz_lines(tmp_path / "meta_Toys.json.gz", meta)
+  fmt = amazon._FORMATS["amazon2018"]  # pylint: disable=protected-access
+  skipped = raw.SkipCounter()
+  out = amazon.read_meta(str(tmp_path / "meta_Toys.json.gz"), fmt, skipped, "first")
+  assert {k: v.title for k, v in out.items()} == {"a": "", "b": "", "c": "", "d": "Good",
+                                                  "e": ""}
+  assert skipped.as_dict() == {"meta_bad_title": 3}
+  with pytest.raises(raw.DataFormatError, match=r"meta_Toys\.json\.gz:1: meta_bad_title "
+                                                r"\(title is a dict\)"):
+    amazon.read_meta(str(tmp_path / "meta_Toys.json.gz"), fmt, raw.SkipCounter(strict=True),
+                     "first")

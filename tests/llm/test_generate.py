@@ -165,7 +165,7 @@ def test_sampling(tiny):
                                **kw).tokens)
   np.testing.assert_array_equal(s1, s1b)
   assert (s1 != s2).any() and (s1 != greedy).any()
-  assert ((0 <= s1) & (s1 < 96)).all()
+  assert ((s1 >= 0) & (s1 < 96)).all()
 
 
 def test_logits_processors_match_transformers():

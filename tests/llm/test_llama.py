@@ -200,7 +200,7 @@ def test_bf16_matmuls_close_to_float32_with_float32_state():
     assert 0 < diff < 0.05 * scale, (name, diff, scale)
     emb = module.apply({"params": params}, ids, method="embed")
 
-    def loss(m):
+    def loss(m, params=params):
       return lambda e: jnp.sum(m.apply({"params": params}, inputs_embeds=e)[0][:, -1] ** 2)
     g32 = jax.jit(jax.grad(loss(module)))(emb)
     g16 = jax.jit(jax.grad(loss(mixed)))(emb)

@@ -123,16 +123,3 @@ def test_opt_sharded_same_logits():
   assert shd.num_shards(params["layers_0"]["mlp"]["fc1"]["kernel"]) == 4
   logits = _forward(module, params, mesh, ids, mask)
   assert float(np.max(np.abs(logits - np.asarray(ref)))) < 1e-4
-
-
-def test_grow_vocab_keeps_sharding(llama):
-  module, config, state, ids, mask, ref = llama
-  mesh = shd.make_mesh((1, 8, 1))
-  params = llm_lib.load_params(module, config, state, mesh=mesh)
-  old = np.asarray(params["embed"]["embedding"])
-  grown, new_config = llm_lib.grow_vocab(params, config, 136, range(128, 136), mesh=mesh)
-  emb = grown["embed"]["embedding"]
-  assert new_config.vocab_size == 136 and emb.shape == (136, 64) and shd.num_shards(emb) == 8
-  assert grown["lm_head"]["kernel"].shape == (64, 136)
-  np.testing.assert_array_equal(np.asarray(emb)[:128], old)
-  np.testing.assert_allclose(np.asarray(emb)[130], old.mean(0), atol=1e-6)

@@ -90,41 +90,6 @@ def test_opt_directory_bin(tmp_path):
   assert float(np.max(np.abs(np.asarray(logits) - _ref_logits(model, ids)))) < 1e-4
 
 
-def test_extra_special_tokens_grow_vocab(tmp_path):
-  d, model = _llama_dir(tmp_path)  # untied head
-  base = llm_lib.load_llm(d)
-  grown = llm_lib.load_llm(d, extra_special_tokens=("[HistoryEmb]", "[CandidateEmb]"))
-  tok = grown.tokenizer
-  new_ids = tok.convert_tokens_to_ids(["[HistoryEmb]", "[CandidateEmb]"])
-  assert new_ids == [len(WORDS), len(WORDS) + 1]
-  assert tok("the [HistoryEmb] movie")["input_ids"] == [3, new_ids[0], 4]
-  # len(tokenizer) = 13 < 32 rows: the table keeps 32 rows; the two rows become the mean
-  emb, old = np.asarray(grown.params["embed"]["embedding"]), np.asarray(base.params["embed"]["embedding"])
-  assert emb.shape == old.shape == (32, 32)
-  np.testing.assert_allclose(emb[new_ids], np.broadcast_to(old.mean(0), (2, 32)), atol=1e-6)
-  keep = [i for i in range(32) if i not in new_ids]
-  np.testing.assert_array_equal(emb[keep], old[keep])
-  head = np.asarray(grown.params["lm_head"]["kernel"])
-  np.testing.assert_allclose(head[:, new_ids], np.broadcast_to(
-      np.asarray(base.params["lm_head"]["kernel"]).mean(1, keepdims=True), (32, 2)), atol=1e-6)
-
-
-def test_vocab_grows_past_table(tmp_path):
-  d, _ = _llama_dir(tmp_path, tie=True)
-  base = llm_lib.load_llm(d)
-  extra = tuple(f"[T{i}]" for i in range(25))  # 11 + 25 = 36 > 32 rows
-  grown = llm_lib.load_llm(d, extra_special_tokens=extra)
-  assert grown.config.vocab_size == len(grown.tokenizer) == 36
-  emb = np.asarray(grown.params["embed"]["embedding"])
-  old = np.asarray(base.params["embed"]["embedding"])
-  assert emb.shape == (36, 32)
-  np.testing.assert_array_equal(emb[:11], old[:11])
-  np.testing.assert_allclose(emb[11:], np.broadcast_to(old.mean(0), (25, 32)), atol=1e-6)
-  ids = np.array([[3, 35]], np.int32)
-  logits, _ = grown.module.apply({"params": grown.params}, input_ids=ids)
-  assert logits.shape == (1, 2, 36)
-
-
 def test_missing_tensor_error_names_file_tensor_shape(tmp_path):
   d, model = _llama_dir(tmp_path)
   state = {k: v.contiguous() for k, v in model.state_dict().items()
@@ -210,3 +175,17 @@ def test_gguf_cut_inside_its_header_names_the_file(tmp_path, keep):
   with pytest.raises(ValueError, match=r"cut\.gguf: (not a GGUF file|GGUF header is "
                      r"truncated or corrupt)"):
     gguf_lib.read_header(cut)
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_truncated_safetensors_names_the_file(tmp_path, cut):
+  """A safetensors file cut short (inside the tensor data or inside its JSON header) is one
+  error naming the file, not a bare SafetensorError."""
+  d, _ = _llama_dir(tmp_path)
+  f = d / "model.safetensors"
+  raw = f.read_bytes()
+  header_len = int.from_bytes(raw[:8], "little")
+  f.write_bytes(raw[:8 + header_len + 100] if cut == "data" else raw[:8 + header_len // 2])
+  with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors "
+                                       r"file .*download it again"):
+    llm_lib.load_llm(d)

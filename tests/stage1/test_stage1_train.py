@@ -72,7 +72,7 @@ def test_gradients_reach_exactly_the_trainable_tree(setup):
   assert set(jac) == {"item_ae", "text_ae", "sbert"}
   reach = {}
   for i, term in enumerate(stage1.LOSS_TERMS):
-    norms = {k: _norms({"x": jax.tree.map(lambda g: g[i], v)})["x"] for k, v in jac.items()}
+    norms = {k: _norms({"x": jax.tree.map(lambda g, i=i: g[i], v)})["x"] for k, v in jac.items()}
     reach[term] = {k for k, n in norms.items() if n > 0}
   assert reach["rec"] == {"item_ae"}
   assert reach["item_recon"] == {"item_ae"}

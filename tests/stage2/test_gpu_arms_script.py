@@ -5,7 +5,6 @@ of an empty run folder itself, then runs its three arms."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,12 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from allmrec_jax import assets
+from allmrec_jax import testing
 from allmrec_jax.data import prepare
 from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import evaluate as eval_lib
 from allmrec_jax.trainers import stage1 as stage1_lib
-from allmrec_jax.weights import llm as llm_weights
 from configs import ml100k
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -34,55 +32,6 @@ OVERRIDES = {"cf.hidden_dim": 12, "cf.num_blocks": 1, "cf.num_epochs": 1, "cf.ev
              "cf.progress": False, "cf.grad_splits": 1, "sbert.max_len": 24,
              "stage1.max_steps": 1, "stage1.freeze_sbert": True, "stage1.latent_dim": 8,
              "stage1.batch_size": 8, "stage2.len_bucket": 1024, "eval.batch_size": 4}
-
-
-def _write_tiny_sbert(path: pathlib.Path) -> pathlib.Path:
-  """tests/stage1/conftest.py's tiny SBERT folder (loaded by path: conftest is no module)."""
-  spec = importlib.util.spec_from_file_location("stage1_fixtures",
-                                                ROOT / "tests" / "stage1" / "conftest.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.write_tiny_sbert(path)
-
-
-def _write_tiny_llama(path: pathlib.Path, hidden: int = 16, inter: int = 32,
-                      layers: int = 1, heads: int = 2, kv_heads: int = 1) -> pathlib.Path:
-  """A tiny random Llama as a Hugging Face folder with the real SmolLM2 tokenizer (as
-  test_pipeline_e2e.write_tiny_llama, written with numpy: no torch import)."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  gguf = assets.get_asset("smollm2-135m")
-  tok = llm_weights._load_tokenizer(gguf.parent, gguf.name)  # pylint: disable=protected-access
-  path.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(0)
-  head_dim = hidden // heads
-
-  def w(*shape):
-    return (0.05 * rng.standard_normal(shape)).astype(np.float32)
-
-  t = {"model.embed_tokens.weight": w(len(tok), hidden),
-       "model.norm.weight": np.ones(hidden, np.float32)}
-  for i in range(layers):
-    p = f"model.layers.{i}."
-    t[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
-    t[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
-    t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
-    t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
-    t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
-    t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
-    t[p + "mlp.gate_proj.weight"] = w(inter, hidden)
-    t[p + "mlp.up_proj.weight"] = w(inter, hidden)
-    t[p + "mlp.down_proj.weight"] = w(hidden, inter)
-  save_file(t, str(path / "model.safetensors"))
-  (path / "config.json").write_text(json.dumps({
-      "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-      "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": inter,
-      "num_hidden_layers": layers, "num_attention_heads": heads,
-      "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu",
-      "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-      "tie_word_embeddings": True, "bos_token_id": tok.bos_token_id,
-      "eos_token_id": tok.eos_token_id}))
-  tok.save_pretrained(str(path))
-  return path
 
 
 def _digest(a: np.ndarray) -> str:
@@ -110,8 +59,8 @@ def _run(assets_dir: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path, *fl
 @pytest.fixture(scope="module")
 def arms_run(tmp_path_factory):
   base = tmp_path_factory.mktemp("gpu_arms")
-  _write_tiny_llama(base / "llm")
-  _write_tiny_sbert(base / "sbert")
+  testing.write_tiny_llama(base / "llm")
+  testing.write_tiny_sbert(base / "sbert")
   workdir = base / "run"       # empty: the script trains cf/ and stage1/ first
   lines = _run(base, workdir, base / "arms.jsonl", "--arms=" + ",".join(ARMS), "--steps=3",
                "--batch_size=2", "--eval_every=2", f"--eval_users={EVAL_USERS}",

@@ -1,4 +1,5 @@
-"""Stage-2 training resumed from its checkpoint equals an uninterrupted run."""
+"""Stage-2 training resumed from its checkpoint equals an uninterrupted run (with the
+catalog match term and its extra examples on, whose draws must follow the resume too)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,15 @@ import transformers
 from allmrec_jax import assets
 from allmrec_jax.data import prepare
 from allmrec_jax.models.llm import LlamaConfig, LlamaDecoder
-from allmrec_jax.trainers import pipeline, stage2
+from allmrec_jax.trainers import runner, stage2
 from configs import ml100k
 
 
 def test_resume_equals_uninterrupted(tmp_path):
   c = ml100k.get_config()
   c.stage2.batch_size, c.stage2.ckpt_every, c.stage2.log_every = 2, 2, 1
+  c.stage2.user_match_weight, c.stage2.user_match_negatives = 0.5, "catalog"
+  c.stage2.user_match_batch = 3
   ds = prepare.prepare_dataset(c.data)
   gguf = assets.get_asset("smollm2-135m")
   tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -23,7 +26,7 @@ def test_resume_equals_uninterrupted(tmp_path):
                     num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
   llm = LlamaDecoder(cfg)
   llm_params = nn.unbox(llm.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 4), jnp.int32)))
-  builder = pipeline.prompt_builder(ds, tok, c.stage2)
+  builder = runner.prompt_builder(ds, tok, c.stage2)
   table = np.random.default_rng(0).uniform(size=(ds.num_items + 1, 8)).astype(np.float32)
   rep_fn = lambda seq: (seq[:, -4:] % 7).astype(np.float32)
 
@@ -39,7 +42,7 @@ def test_resume_equals_uninterrupted(tmp_path):
                                                        rtol=1e-6, atol=1e-7),
                resumed, straight)
   lines = (tmp_path / "b" / "stage2" / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == 4
+  assert len(lines) == 4 and all("train/match_loss" in l for l in lines)
   moved = jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))),
                        resumed, run(tmp_path / "c", 1))
   assert any(jax.tree.leaves(moved))

@@ -148,18 +148,18 @@ def test_item_standardize_is_an_affine_reparametrisation_of_f_i():
   """stage2.item_standardize: columns of items 1..N at mean 0 / std 1, padding row 0 zero,
   and F_I on the standardised table equals F_I on the raw table once its first Linear
   absorbs the affine map (same function class as the paper)."""
-  from allmrec_jax.trainers import pipeline  # pylint: disable=g-import-not-at-top
+  from allmrec_jax.trainers import runner  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   raw = np.zeros((N + 1, K), np.float32)
   raw[1:] = 0.5 + 0.03 * rng.standard_normal((N, K))      # a narrow band of sigmoid codes
   raw[1:, 3] = 0.7                                          # a constant column stays finite
-  std = pipeline.item_table_for("joint", {"joint": raw}, seed=0, standardize=True)
+  std = runner.item_table_for("joint", {"joint": raw}, seed=0, standardize=True)
   np.testing.assert_array_equal(std[0], 0.0)
   np.testing.assert_allclose(std[1:, :3].mean(0), 0.0, atol=1e-6)
   np.testing.assert_allclose(std[1:, :3].std(0), 1.0, atol=1e-5)
   np.testing.assert_array_equal(std[1:, 3], 0.0)
   np.testing.assert_array_equal(
-      pipeline.item_table_for("joint", {"joint": raw}, seed=0), raw)   # off: untouched
+      runner.item_table_for("joint", {"joint": raw}, seed=0), raw)   # off: untouched
   f_i = projectors_lib.ItemProjector(K, E)
   params = f_i.init(jax.random.PRNGKey(0), jnp.zeros((1, K)))["params"]
   params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(params))
@@ -213,3 +213,51 @@ def test_user_match_loss_golden_and_step(setup):
   with pytest.raises(ValueError, match="user_match_weight"):
     stage2.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj, item_table=table,
                          optimizer=opt, match_weight=1.0, use_user=False)
+
+
+def test_user_match_loss_catalog_negatives(setup):
+  """user_match_negatives="catalog": a full softmax over every item (rows 1..N, the padding
+  row 0 excluded) against a numpy computation; a trainer step with it lowers it."""
+  llm, llm_params, proj, pp, table, batch = setup
+  rng = np.random.default_rng(6)
+  b = batch["input_ids"].shape[0]
+  target = rng.integers(1, table.shape[0], b).astype(np.int32)
+  batch = dict(batch, target_item=target,
+               cand_items=np.stack([np.arange(1, 5)] * b).astype(np.int32))
+  got = float(stage2.user_match_loss(pp, jnp.asarray(table), batch, projectors=proj,
+                                     temperature=0.2, negatives="catalog"))
+  u = np.asarray(proj.apply(pp, batch["user_rep"], method=proj.user), np.float64)
+  c = np.asarray(proj.apply(pp, table[1:], method=proj.item), np.float64)
+  u /= np.linalg.norm(u, axis=-1, keepdims=True)
+  c /= np.linalg.norm(c, axis=-1, keepdims=True)
+  logits = u @ c.T / 0.2
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(got, -np.mean(logp[np.arange(b), target - 1]), rtol=1e-5)
+  with pytest.raises(ValueError, match="user_match_negatives"):
+    stage2.user_match_loss(pp, jnp.asarray(table), batch, projectors=proj, temperature=0.2,
+                           negatives="batch")
+  # user_match_batch: extra (x_u, target) rows join the softmax's examples.
+  extra_rep = rng.standard_normal((3, batch["user_rep"].shape[1])).astype(np.float32)
+  extra_t = rng.integers(1, table.shape[0], 3).astype(np.int32)
+  with_extra = float(stage2.user_match_loss(
+      pp, jnp.asarray(table), dict(batch, match_user_rep=extra_rep, match_target=extra_t),
+      projectors=proj, temperature=0.2, negatives="catalog"))
+  ue = np.asarray(proj.apply(pp, extra_rep, method=proj.user), np.float64)
+  ue /= np.linalg.norm(ue, axis=-1, keepdims=True)
+  le = ue @ c.T / 0.2
+  lpe = le - np.log(np.exp(le).sum(-1, keepdims=True))
+  want = -np.mean(np.concatenate([logp[np.arange(b), target - 1],
+                                  lpe[np.arange(3), extra_t - 1]]))
+  np.testing.assert_allclose(with_extra, want, rtol=1e-5)
+  trainer = stage2.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
+                                 item_table=table, optimizer=optax.adam(1e-2),
+                                 match_weight=1.0, match_temperature=0.2,
+                                 match_negatives="catalog")
+  state = trainer.init_state(pp)
+  first = last = None
+  for i in range(5):
+    state, m = trainer.step(state, batch)
+    last = float(m["train/match_loss"])
+    first = last if i == 0 else first
+  np.testing.assert_allclose(first, got, rtol=1e-5)
+  assert last < first

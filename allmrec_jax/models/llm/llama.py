@@ -69,7 +69,7 @@ class LlamaConfig:
   family = "llama"
 
   @classmethod
-  def from_hf(cls, hf: Any, **overrides) -> "LlamaConfig":
+  def from_hf(cls, hf: Any, **overrides) -> LlamaConfig:
     """From a transformers LlamaConfig (or any config with the same fields)."""
     scaling = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None)
     theta = getattr(hf, "rope_theta", None)

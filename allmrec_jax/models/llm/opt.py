@@ -60,7 +60,7 @@ class OPTConfig:
   tie_word_embeddings = True
 
   @classmethod
-  def from_hf(cls, hf: Any, **overrides) -> "OPTConfig":
+  def from_hf(cls, hf: Any, **overrides) -> OPTConfig:
     """From a transformers OPTConfig."""
     pre = bool(getattr(hf, "do_layer_norm_before", True))
     kw = dict(

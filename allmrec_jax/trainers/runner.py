@@ -9,6 +9,7 @@ latest checkpoint. Outputs under `workdir`: `cf/`, `stage1/`, `stage2/` (+ `stag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 import pathlib
@@ -37,7 +38,8 @@ _POSITIVE = ("cf.lr", "cf.batch_size", "cf.num_epochs", "stage1.lr", "stage1.bat
              "stage1.num_epochs", "stage2.lr", "stage2.batch_size", "stage2.num_epochs",
              "stage2.num_candidates", "stage2.num_history", "stage2.positions_per_user",
              "eval.batch_size", "eval.num_history", "eval.max_users", "data.maxlen")
-_NON_NEGATIVE = ("stage1.max_steps", "stage2.max_steps", "stage2.eval_every")
+_NON_NEGATIVE = ("stage1.max_steps", "stage2.max_steps", "stage2.eval_every",
+                 "stage2.user_match_weight", "stage2.user_match_batch")
 _PATHS = ("data.path", "sbert.path", "llm.path")
 
 
@@ -64,6 +66,11 @@ def validate_config(config) -> None:
     if v and not pathlib.Path(str(v)).expanduser().exists():
       problems.append(f"--config.{f}={v!r} does not exist")
   _stages(config)
+  if "eval" in config:
+    try:
+      baselines_of(config)
+    except ValueError as e:
+      problems.append(str(e))
   if problems:
     raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -76,7 +83,8 @@ _STAGE_INPUTS = {
     "stage2": ("llm.", "stage2.", "eval."),
 }
 # Fields that never change a result: what runs, where assets live, the mesh, logging.
-_NEUTRAL = ("stages", "asset_cache_dir", "mesh.", "cf.progress", "stage2.log_every",
+_NEUTRAL = ("stages", "asset_cache_dir", "data.asset_cache_dir", "mesh.", "cf.progress",
+            "cf.ckpt_every", "stage1.checkpoint_every", "stage1.log_every", "stage2.log_every",
             "stage2.ckpt_every")
 
 
@@ -100,7 +108,9 @@ def finished_stages(workdir: pathlib.Path) -> list[str]:
 
 def config_changes(config, workdir: pathlib.Path) -> dict[str, tuple]:
   """{field: (in workdir/config.json, in `config`)} of the fields that differ; raises
-  ValueError (one line) when one of them produced a stage that is already finished there."""
+  ValueError (one line) when one of them produced a stage that is already finished there.
+  A field on one side only (added or removed by a newer version of the code, which then
+  does not read the old one) is a recorded change, never a refusal."""
   path = workdir / "config.json"
   if not path.exists():
     return {}
@@ -117,7 +127,8 @@ def config_changes(config, workdir: pathlib.Path) -> dict[str, tuple]:
   for stage in ("cf", "stage1", "stage2"):
     inputs += _STAGE_INPUTS[stage]
     if stage in finished:
-      blocked = [k for k in changed if k == "seed" or k.startswith(inputs)]
+      blocked = [k for k in changed if (k == "seed" or k.startswith(inputs))
+                 and k in old and k in new]
   if blocked:
     what = "; ".join(f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in blocked[:6])
     more = f" (+{len(blocked) - 6} more)" if len(blocked) > 6 else ""
@@ -209,48 +220,63 @@ def item_table_for(source: str, tables: dict[str, np.ndarray], seed: int,
   return standardize_items(table) if standardize else table
 
 
-def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
-               tables: dict[str, np.ndarray], mesh=None, rules=None) -> dict:
-  """Trains A-LLMRec's projectors (and MLP-LLM's, if a baseline), evaluates everything,
-  writes `stage2/metrics.json` and `results.md`; returns the metrics."""
-  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
-  out_path = workdir / "stage2" / "metrics.json"
-  if out_path.exists():
-    logging.info("stage2: %s exists; skipping (delete it to re-evaluate)", out_path)
-    return json.loads(out_path.read_text())
-  cfg, ecfg = config.stage2, config.eval
-  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype, mesh=mesh,
-                                rules=rules, remat=config.llm.remat,
-                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
-  llm, tok = loaded.module, loaded.tokenizer
-  llm_params = {"params": loaded.params}
-  builder = prompt_builder(ds, tok, cfg)
-  rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_params, seq)
-  baselines = [b.strip() for b in str(ecfg.baselines).split(",") if b.strip()]
+class Stage2Run:
+  """What the stage-2 trainings and evaluations of one run share: the frozen LLM, the prompt
+  builder, the test users with their x_u, and `eval/<key>.json`, which keeps each finished
+  evaluation so that an interrupted one resumes with the next model."""
 
-  es = eval_lib.make_eval_set(ds, ecfg.split, maxlen=config.data.maxlen,
-                              num_history=ecfg.num_history, max_users=ecfg.max_users,
-                              seed=config.data.candidate_seed)
-  user_rep = rep_fn(es.seq)
-  prefix = f"{ecfg.split}/"
-  metrics: dict[str, float] = {"eval/num_users": float(len(es.users))}
-  common = dict(llm=llm, llm_params=llm_params, tokenizer=tok, builder=builder,
-                titles=ds.titles, batch_size=ecfg.batch_size,
-                max_new_tokens=ecfg.max_new_tokens,
-                repetition_penalty=ecfg.repetition_penalty)
-  projectors_of = lambda table: projectors_lib.Stage2Projectors(
-      table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
+  def __init__(self, config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
+               tables: dict[str, np.ndarray], mesh=None, rules=None):
+    from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+    self.config, self.workdir, self.ds = config, workdir, ds
+    self.cfg, self.ecfg = config.stage2, config.eval
+    self.cf_model, self.cf_params, self.tables = cf_model, cf_params, tables
+    self.mesh, self.rules = mesh, rules
+    self.loaded = llm_weights.load_llm(
+        config.llm.path or None, dtype=config.llm.dtype, mesh=mesh, rules=rules,
+        remat=config.llm.remat, matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+    self.llm_params = {"params": self.loaded.params}
+    self.builder = prompt_builder(ds, self.loaded.tokenizer, self.cfg)
+    self.es = eval_lib.make_eval_set(ds, self.ecfg.split, maxlen=config.data.maxlen,
+                                     num_history=self.ecfg.num_history,
+                                     max_users=self.ecfg.max_users,
+                                     seed=config.data.candidate_seed)
+    self.user_rep = self.user_representations(self.es.seq)
+    self.prefix = f"{self.ecfg.split}/"
+    self.eval_dir = workdir / "stage2" / "eval"
+    self.examples: dict[str, dict] = {}      # label -> {"texts"} for results.md
 
-  def validation_fn(table, use_user, use_items):
-    """params -> validation ranking metrics on `stage2.eval_users` seeded users."""
-    if not cfg.get("eval_every", 0):
+  def user_representations(self, seq: np.ndarray) -> np.ndarray:
+    return stage2_lib.user_representations(self.cf_model, self.cf_params, seq)
+
+  def projectors_for(self, table: np.ndarray) -> projectors_lib.Stage2Projectors:
+    return projectors_lib.Stage2Projectors(table.shape[1], self.user_rep.shape[1],
+                                           self.loaded.config.hidden_size)
+
+  def evaluator(self, table=None, proj_params=None, *, use_user=True, use_items=True,
+                soft=True) -> eval_lib.LLMEvaluator:
+    """An LLMEvaluator of this run's LLM and prompts (soft=False: text-only prompts)."""
+    kw = dict(llm=self.loaded.module, llm_params=self.llm_params,
+              tokenizer=self.loaded.tokenizer, builder=self.builder, titles=self.ds.titles,
+              batch_size=self.ecfg.batch_size, max_new_tokens=self.ecfg.max_new_tokens,
+              repetition_penalty=self.ecfg.repetition_penalty)
+    if not soft:
+      return eval_lib.LLMEvaluator(soft=False, **kw)
+    return eval_lib.LLMEvaluator(projectors=self.projectors_for(table), proj_params=proj_params,
+                                 item_table=table, use_user=use_user, use_items=use_items,
+                                 **kw)
+
+  def validation_fn(self, table, use_user, use_items):
+    """params -> validation ranking metrics on `stage2.eval_users` seeded users (None when
+    `stage2.eval_every` is 0)."""
+    if not self.cfg.get("eval_every", 0):
       return None
-    val = eval_lib.make_eval_set(ds, "valid", maxlen=config.data.maxlen,
-                                 num_history=ecfg.num_history, max_users=cfg.eval_users,
-                                 seed=config.data.candidate_seed)
-    val_rep = rep_fn(val.seq)
-    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), item_table=table,
-                               use_user=use_user, use_items=use_items, **common)
+    val = eval_lib.make_eval_set(self.ds, "valid", maxlen=self.config.data.maxlen,
+                                 num_history=self.ecfg.num_history,
+                                 max_users=self.cfg.eval_users,
+                                 seed=self.config.data.candidate_seed)
+    val_rep = self.user_representations(val.seq)
+    ev = self.evaluator(table, use_user=use_user, use_items=use_items)
 
     def run(params):
       ev.proj_params = params
@@ -260,25 +286,25 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
               "val/mrr": m["val/mrr"], "val/loss": eval_lib.target_loss(res)}
     return run
 
-  def train_variant(name, source, use_user=True, use_items=True):
-    table = item_table_for(source, tables, config.seed,
-                           standardize=cfg.get("item_standardize", False))
-    params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
-                              builder=builder, user_rep_fn=rep_fn,
-                              item_table=table, name=name, mesh=mesh, rules=rules,
+  def train_variant(self, name: str, source: str, use_user: bool = True,
+                    use_items: bool = True):
+    """Trains (or restores) projectors in stage2-like folder `name` on item table `source`;
+    returns (params, table)."""
+    table = item_table_for(source, self.tables, self.config.seed,
+                           standardize=self.cfg.get("item_standardize", False))
+    params = stage2_lib.train(self.config, self.workdir, self.ds, llm=self.loaded.module,
+                              llm_params=self.llm_params, builder=self.builder,
+                              user_rep_fn=self.user_representations, item_table=table,
+                              name=name, mesh=self.mesh, rules=self.rules,
                               use_user=use_user, use_items=use_items,
-                              eval_fn=validation_fn(table, use_user, use_items))
+                              eval_fn=self.validation_fn(table, use_user, use_items))
     return params, table
 
-  eval_dir = workdir / "stage2" / "eval"
-  eval_dir.mkdir(parents=True, exist_ok=True)
-  examples: dict[str, dict] = {}
-
-  def evaluated(key: str, label: str, run, prepare=lambda: None) -> dict[str, float]:
-    """Runs one model's evaluation once; its metrics and texts are kept in eval/<key>.json
-    so an interrupted evaluation resumes with the next model. `prepare()` (e.g. training
-    the baseline) runs first, outside `eval/<key>/seconds`; `run(prepared)` evaluates."""
-    path = eval_dir / f"{key}.json"
+  def evaluated(self, key: str, label: str, run, prepare=lambda: None) -> dict[str, float]:
+    """Runs one model's evaluation once; its metrics and texts are kept in eval/<key>.json.
+    `prepare()` (e.g. training the baseline) runs first, outside `eval/<key>/seconds`;
+    `run(prepared)` returns (evaluation result, metrics)."""
+    path = self.eval_dir / f"{key}.json"
     if path.exists():
       saved = json.loads(path.read_text())
     else:
@@ -287,75 +313,117 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
       res, m = run(prepared)
       m = {**m, f"eval/{key}/seconds": time.perf_counter() - t0}
       saved = {"metrics": m, "texts": res.get("texts", [])}
+      self.eval_dir.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(saved))
     if saved["texts"]:
-      examples[label] = {"texts": saved["texts"]}
+      self.examples[label] = {"texts": saved["texts"]}
     return saved["metrics"]
 
+
+# ---------------------------------------------------------------------------- baselines
+# name -> (label in results.md, fn(run, prefix) -> metrics under `prefix`), scored on the
+# A-LLMRec evaluation's users and candidates (config.eval.baselines).
+BASELINES: dict[str, tuple[str, Callable[[Stage2Run, str], dict[str, float]]]] = {}
+
+
+def register_baseline(name: str, label: str):
+  def wrap(fn):
+    BASELINES[name] = (label, fn)
+    return fn
+  return wrap
+
+
+@register_baseline("cf", "CF backbone")
+def _cf_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
+  return eval_lib.ranking_metrics(eval_lib.cf_scores(run.cf_model, run.cf_params, run.es),
+                                  prefix)
+
+
+@register_baseline("popularity", "popularity count")
+def _popularity_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
+  return eval_lib.ranking_metrics(eval_lib.popularity_scores(run.ds, run.es), prefix)
+
+
+@register_baseline("llm_only", "LLM-Only")
+def _llm_only_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
+  def evaluate(_):
+    r = run.evaluator(soft=False).evaluate(run.es, None, desc="eval LLM-Only")
+    return r, eval_lib.llm_metrics(r, prefix)
+  return run.evaluated("llm_only", "LLM-Only", evaluate)
+
+
+@register_baseline("mlp_llm", "MLP-LLM")
+def _mlp_llm_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
+  """Stage 2 trained again with F_I fed the CF item embeddings (no stage 1)."""
+  def evaluate(trained):
+    params, table = trained
+    r = run.evaluator(table, params).evaluate(run.es, run.user_rep, desc="eval MLP-LLM")
+    return r, eval_lib.llm_metrics(r, prefix)
+  return run.evaluated("mlp_llm", "MLP-LLM", evaluate,
+                       prepare=lambda: run.train_variant("stage2_mlp_llm", "cf"))
+
+
+def baselines_of(config) -> list[str]:
+  """config.eval.baselines as a list; an unknown name is a one-line error."""
+  names = [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()]
+  bad = [b for b in names if b not in BASELINES]
+  if bad:
+    raise ValueError(f"--config.eval.baselines: unknown baseline(s) {bad}; known: "
+                     f"{sorted(BASELINES)}")
+  return names
+
+
+def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
+               tables: dict[str, np.ndarray], mesh=None, rules=None) -> dict:
+  """Trains A-LLMRec's projectors, evaluates them (ranking, generation, soft-token
+  diagnostics) and the baselines, writes `stage2/metrics.json` and `results.md`; returns the
+  metrics."""
+  out_path = workdir / "stage2" / "metrics.json"
+  if out_path.exists():
+    logging.info("stage2: %s exists; skipping (delete it to re-evaluate)", out_path)
+    return json.loads(out_path.read_text())
+  baselines = baselines_of(config)
+  run = Stage2Run(config, workdir, ds, cf_model=cf_model, cf_params=cf_params, tables=tables,
+                  mesh=mesh, rules=rules)
+  cfg, prefix = run.cfg, run.prefix
+  metrics: dict[str, float] = {"eval/num_users": float(len(run.es.users))}
+
   # A-LLMRec.
-  params, table = train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
+  params, table = run.train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
+  ev = run.evaluator(table, params, use_user=cfg.use_user, use_items=cfg.use_items)
 
-  def run_allmrec(_):
-    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
-                               item_table=table, use_user=cfg.use_user,
-                               use_items=cfg.use_items, **common)
-    res = ev.evaluate(es, user_rep, desc="eval A-LLMRec")
+  def evaluate_allmrec(_):
+    res = ev.evaluate(run.es, run.user_rep, desc="eval A-LLMRec")
     return res, eval_lib.llm_metrics(res, prefix)
-  metrics.update(evaluated("allmrec", "A-LLMRec", run_allmrec))
-  metrics["eval/users_per_s"] = len(es.users) / metrics["eval/allmrec/seconds"]
+  metrics.update(run.evaluated("allmrec", "A-LLMRec", evaluate_allmrec))
+  metrics["eval/users_per_s"] = len(run.es.users) / metrics["eval/allmrec/seconds"]
 
-  def run_diagnostics(_):
-    ev = eval_lib.LLMEvaluator(projectors=projectors_of(table), proj_params=params,
-                               item_table=table, use_user=cfg.use_user,
-                               use_items=cfg.use_items, **common)
+  diagnostics = tuple(d.strip() for d in str(run.ecfg.get("diagnostics", "")).split(",")
+                      if d.strip())
+
+  def evaluate_diagnostics(_):
     known = None
     if f"{prefix}target_loss" in metrics:   # the A-LLMRec evaluation above: no third pass
       known = {k: metrics[f"{prefix}{m}"] for k, m in (("hit@1", "hit@1"), ("mrr", "mrr"),
                                                         ("loss", "target_loss"))}
-    return {}, eval_lib.soft_token_diagnostics(ev, es, user_rep, f"diag/{prefix}",
+    return {}, eval_lib.soft_token_diagnostics(ev, run.es, run.user_rep, f"diag/{prefix}",
                                                seed=config.seed, true_metrics=known,
                                                which=diagnostics)
-  diagnostics = tuple(d.strip() for d in str(ecfg.get("diagnostics", "")).split(",")
-                      if d.strip())
   if diagnostics:
-    metrics.update(evaluated("diagnostics", "diagnostics", run_diagnostics))
+    metrics.update(run.evaluated("diagnostics", "diagnostics", evaluate_diagnostics))
 
   for name in baselines:
-    bp = f"baselines/{name}/{prefix}"
-    if name == "cf":
-      metrics.update(eval_lib.ranking_metrics(
-          eval_lib.cf_scores(cf_model, cf_params, es), bp))
-    elif name == "popularity":
-      metrics.update(eval_lib.ranking_metrics(eval_lib.popularity_scores(ds, es), bp))
-    elif name == "llm_only":
-      def run_llm_only(_):
-        r = eval_lib.LLMEvaluator(soft=False, **common).evaluate(es, None, desc="eval LLM-Only")
-        return r, eval_lib.llm_metrics(r, bp)
-      metrics.update(evaluated("llm_only", "LLM-Only", run_llm_only))
-    elif name == "mlp_llm":
-      def run_mlp_llm(trained):
-        p_m, t_m = trained
-        ev1 = eval_lib.LLMEvaluator(projectors=projectors_of(t_m), proj_params=p_m,
-                                    item_table=t_m, **common)
-        r = ev1.evaluate(es, user_rep, desc="eval MLP-LLM")
-        return r, eval_lib.llm_metrics(r, bp)
-      metrics.update(evaluated("mlp_llm", "MLP-LLM", run_mlp_llm,
-                               prepare=lambda: train_variant("stage2_mlp_llm", "cf")))
-    else:
-      raise ValueError(f"config.eval.baselines: unknown baseline {name!r}; known: "
-                       "cf, popularity, llm_only, mlp_llm")
+    metrics.update(BASELINES[name][1](run, f"baselines/{name}/{prefix}"))
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-  write_results(workdir / "results.md", metrics, baselines, prefix, es, builder, ds,
-                examples, ecfg.num_examples)
+  write_results(workdir / "results.md", metrics, baselines, prefix, run.es, run.builder, ds,
+                run.examples, run.ecfg.num_examples)
   return metrics
 
 
 def results_table(metrics: dict, baselines: list[str], prefix: str) -> str:
   keys = ["hit@1", "hit@3", "hit@5", "ndcg@5", "ndcg@10", "mrr", "hit@1_lnorm", "gen_hit@1"]
-  rows = [("A-LLMRec", "")] + [({"cf": "CF backbone", "popularity": "popularity count",
-                                  "llm_only": "LLM-Only",
-                                  "mlp_llm": "MLP-LLM"}.get(b, b), f"baselines/{b}/")
+  rows = [("A-LLMRec", "")] + [(BASELINES[b][0] if b in BASELINES else b, f"baselines/{b}/")
                                  for b in baselines]
   lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
   for label, base in rows:
@@ -420,8 +488,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
   validate_config(config)
   stages = _stages(config)
   save_config(config, workdir)
-  if config.asset_cache_dir:
-    os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
   ds = prepare.prepare_dataset(config.data)
   logging.info("dataset %s: %s", ds.name, ds.statistics())
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
@@ -437,6 +503,4 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
     tables = stage1_tables(config, workdir, ds, cf_model, cf_variables)
     out = run_stage2(config, workdir, ds, cf_model=cf_model, cf_params=cf_variables,
                      tables=tables, mesh=mesh, rules=rules)
-    print(results_table(out, [b.strip() for b in str(config.eval.baselines).split(",")
-                              if b.strip()], f"{config.eval.split}/"))
   return out

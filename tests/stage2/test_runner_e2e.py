@@ -2,43 +2,28 @@
 Llama saved as a Hugging Face directory), then a rerun that skips the finished stages."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from allmrec_jax import assets
-from allmrec_jax.trainers import pipeline
+from allmrec_jax import testing
+from allmrec_jax.trainers import runner
 from configs import ml100k
 
-
-def write_tiny_llama(path: pathlib.Path) -> pathlib.Path:
-  gguf = assets.get_asset("smollm2-135m")
-  tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=1024,
-                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-  tok.save_pretrained(path)
-  return path
+LLAMA = dict(hidden=32, inter=64, layers=2, heads=4, kv_heads=2)   # a tiny random Llama
 
 
 @pytest.mark.slow
 def test_all_stages_tiny(tmp_path):
   c = ml100k.get_config()
-  c.llm.path = str(write_tiny_llama(tmp_path / "llm"))
+  c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
   c.cf.num_epochs, c.cf.eval_every = 2, 1
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every = 3, 2
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
   c.eval.baselines = "cf,llm_only,mlp_llm"   # all three (configs/ml100k.py makes MLP-LLM opt-in)
   work = tmp_path / "run"
-  metrics = pipeline.train_and_evaluate(c, work)
+  metrics = runner.train_and_evaluate(c, work)
   for stage in ("cf", "stage1", "stage2", "stage2_mlp_llm"):
     assert (work / stage).is_dir(), stage
   saved = json.loads((work / "stage2" / "metrics.json").read_text())
@@ -54,7 +39,7 @@ def test_all_stages_tiny(tmp_path):
   results = (work / "results.md").read_text()
   assert "| A-LLMRec |" in results and "[CandidateEmb]" in results
   # A rerun restores every finished stage instead of training again.
-  again = pipeline.train_and_evaluate(c, work)
+  again = runner.train_and_evaluate(c, work)
   assert again == metrics
 
 
@@ -65,7 +50,7 @@ def test_long_config_layout_tiny(tmp_path):
   the learning curve and the soft-token diagnostics."""
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
   c = ml100k_long.get_config()
-  c.llm.path = str(write_tiny_llama(tmp_path / "llm"))
+  c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
   c.cf.num_epochs, c.cf.eval_every = 2, 1
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every, c.stage2.eval_every = 4, 2, 2
@@ -73,7 +58,7 @@ def test_long_config_layout_tiny(tmp_path):
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
   c.eval.baselines = "cf"
   work = tmp_path / "run"
-  metrics = pipeline.train_and_evaluate(c, work)
+  metrics = runner.train_and_evaluate(c, work)
   rows = [json.loads(l) for l in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
   val = [r for r in rows if "val/hit@1" in r]
   assert [r["step"] for r in val] == [0, 2, 4]
@@ -94,19 +79,22 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   c.stage2.batch_size = 0
   c.stage2.max_steps = -3
   c.llm.path = str(tmp_path / "no_such_llm")
+  c.eval.baselines = "cf,tallrec"
   work = tmp_path / "run"
   with pytest.raises(ValueError) as e:
-    pipeline.train_and_evaluate(c, work)
+    runner.train_and_evaluate(c, work)
   msg = str(e.value)
   assert msg.startswith("invalid config: ") and "\n" not in msg
   for part in ("--config.cf.lr=-1.0 must be > 0", "--config.stage2.batch_size=0 must be > 0",
                "--config.stage2.max_steps=-3 must be >= 0",
-               f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist"):
+               f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist",
+               "--config.eval.baselines: unknown baseline(s) ['tallrec']; known: ['cf', "
+               "'llm_only', 'mlp_llm', 'popularity']"):
     assert part in msg, part
   assert not work.exists()          # nothing was trained, no config.json written
-  pipeline.validate_config(ml100k.get_config())   # the shipped configs pass
+  runner.validate_config(ml100k.get_config())   # the shipped configs pass
   from configs import ml100k_long  # pylint: disable=g-import-not-at-top
-  pipeline.validate_config(ml100k_long.get_config())
+  runner.validate_config(ml100k_long.get_config())
 
 
 def test_finished_stage_under_another_config_is_refused(tmp_path):
@@ -114,13 +102,13 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   error naming it), a field of an unfinished stage can, and the change is logged."""
   work = tmp_path / "run"
   c = ml100k.get_config()
-  pipeline.save_config(c, work)
+  runner.save_config(c, work)
   (work / "cf").mkdir()
   (work / "cf" / "FINISHED").write_text("{}\n")
   longer = ml100k.get_config()
   longer.stage2.max_steps = 900            # stage 2 not finished: allowed, and recorded
   longer.mesh.shape = (1, 1, 1)            # neutral
-  pipeline.save_config(longer, work)
+  runner.save_config(longer, work)
   hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
   assert hist == [{"changed": {"stage2.max_steps": [0, 900]}}]
   assert json.loads((work / "config.json").read_text())["stage2"]["max_steps"] == 900
@@ -129,7 +117,7 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   other.cf.lr = 0.01
   with pytest.raises(ValueError, match=r"finished stage\(s\) cf were produced with another "
                      r"config \(cf\.lr: 0\.001 -> 0\.01\); use a new --workdir"):
-    pipeline.save_config(other, work)
+    runner.save_config(other, work)
   assert json.loads((work / "config.json").read_text())["cf"]["lr"] == 0.001
   (work / "stage1").mkdir()
   (work / "stage1" / "finished.json").write_text("{}")
@@ -137,4 +125,12 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   s1.stage2.max_steps = 900
   s1.stage1.lr = 1.0
   with pytest.raises(ValueError, match=r"cf, stage1 .*stage1\.lr"):
-    pipeline.train_and_evaluate(s1, work)
+    runner.train_and_evaluate(s1, work)
+  # A field the code no longer has (or a new one) is recorded, never a refusal: the run
+  # folder of an older version stays usable.
+  saved = json.loads((work / "config.json").read_text())
+  saved["cf"]["retired_option"] = 3
+  (work / "config.json").write_text(json.dumps(saved))
+  runner.save_config(longer, work)
+  hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
+  assert hist[-1] == {"changed": {"cf.retired_option": [3, None]}}
