@@ -298,6 +298,7 @@ class Stage2Trainer:
                              match_negatives=str(match_negatives))
     self._step = jax.jit(step, donate_argnums=(0,))
     self.compiled_shapes: set[tuple] = set()
+    self._replicated: set[tuple] = set()
 
   def init_state(self, proj_params: PyTree) -> dict:
     rep = sharding.replicated(self.mesh)
@@ -307,10 +308,19 @@ class Stage2Trainer:
             "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
 
   def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host arrays -> the batch sharded over the mesh's data x fsdp axes; an array whose
+    rows do not divide them is replicated, with a warning (once per array and shape)."""
     out = {}
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for k, v in arrays.items():
       s = sharding.batch_sharding(self.mesh, v.ndim)
-      if v.shape[0] % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
+      if v.shape[0] % shards:
+        if (k, v.shape) not in self._replicated:
+          self._replicated.add((k, v.shape))
+          logging.warning("stage2: %s has %d rows, not a multiple of the mesh's %d data "
+                          "shards; replicated on every device (make config.stage2."
+                          "batch_size a multiple of %d to shard it)", k, v.shape[0], shards,
+                          shards)
         s = sharding.replicated(self.mesh)
       out[k] = jax.make_array_from_process_local_data(s, v) if jax.process_count() > 1 \
           else jax.device_put(v, s)

@@ -142,6 +142,24 @@ def test_gguf_header_of_embedded_model():
   assert row.shape == (49152, 576) and np.isfinite(row).all() and row.std() > 0
 
 
+def test_corrupt_bytes_in_gguf_data_are_refused(tmp_path):
+  """1 MiB of 0xFF inside the embedded GGUF's tensor data (Q4_1 scales become NaN) fails the
+  load with the file and a tensor named, instead of loading NaN parameters."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  src = llm_lib.resolve_path(None)
+  dst = tmp_path / src.name
+  shutil.copy(src, dst)
+  header = gguf_lib.read_header(dst)
+  start = sorted(t.offset for t in header.tensors)[len(header.tensors) // 2]
+  del header
+  with open(dst, "r+b") as f:
+    f.seek(start)
+    f.write(b"\xff" * (1 << 20))
+  with pytest.raises(ValueError, match=rf"{dst.name}: tensor \S+ has \d+ non-finite "
+                                       r"value\(s\) \(NaN/Inf\)"):
+    llm_lib.load_llm(dst)
+
+
 def test_corrupt_bytes_in_safetensors_are_refused(tmp_path):
   """4 KiB of 0xFF inside the tensor data (NaN as float32) fail the load with the file and
   the tensor named, instead of loading NaN parameters."""
