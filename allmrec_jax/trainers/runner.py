@@ -66,6 +66,12 @@ def validate_config(config) -> None:
     if v and not pathlib.Path(str(v)).expanduser().exists():
       problems.append(f"--config.{f}={v!r} does not exist")
   _stages(config)
+  s2 = config.get("stage2", {})
+  if (s2.get("user_match_weight", 0) and s2.get("user_match_batch", 0)
+      and s2.get("user_match_negatives", "prompt") != "catalog"):
+    problems.append("--config.stage2.user_match_batch > 0 needs "
+                    "--config.stage2.user_match_negatives=catalog (the extra examples have no "
+                    "prompt candidates)")
   if "eval" in config:
     try:
       baselines_of(config)

@@ -70,6 +70,11 @@ def lm_loss(proj_params: PyTree, llm_params: PyTree, item_table: jax.Array,
   return jnp.sum(ce * w) / jnp.maximum(n, 1.0), {"tokens": n}
 
 
+def _unit_rows(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+
+
 def user_match_loss(proj_params: PyTree, item_table: jax.Array, batch: dict[str, jax.Array],
                     *, projectors: nn.Module, temperature: float,
                     negatives: str = "prompt") -> jax.Array:
@@ -90,22 +95,16 @@ def user_match_loss(proj_params: PyTree, item_table: jax.Array, batch: dict[str,
     if "match_user_rep" in batch:
       reps = jnp.concatenate([reps, batch["match_user_rep"].astype(reps.dtype)], axis=0)
       targets = jnp.concatenate([targets, batch["match_target"]], axis=0)
-    u = projectors.apply(proj_params, reps, method=projectors.user).astype(jnp.float32)
-    u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-6)
-    c = projectors.apply(proj_params, item_table[1:], method=projectors.item)
-    c = c.astype(jnp.float32)
-    c = c / (jnp.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
+    u = _unit_rows(projectors.apply(proj_params, reps, method=projectors.user))
+    c = _unit_rows(projectors.apply(proj_params, item_table[1:], method=projectors.item))
     logits = jnp.einsum("be,ne->bn", u, c) / temperature
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets - 1))
   if negatives != "prompt":
     raise ValueError(f"config.stage2.user_match_negatives must be 'prompt' or 'catalog', "
                      f"got {negatives!r}")
-  u = projectors.apply(proj_params, batch["user_rep"], method=projectors.user)
-  u = u.astype(jnp.float32)
-  u = u / (jnp.linalg.norm(u, axis=-1, keepdims=True) + 1e-6)
-  c = projectors.apply(proj_params, item_table[batch["cand_items"]], method=projectors.item)
-  c = c.astype(jnp.float32)
-  c = c / (jnp.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
+  u = _unit_rows(projectors.apply(proj_params, batch["user_rep"], method=projectors.user))
+  c = _unit_rows(projectors.apply(proj_params, item_table[batch["cand_items"]],
+                                  method=projectors.item))
   logits = jnp.einsum("be,bce->bc", u, c) / temperature
   labels = (batch["cand_items"] == batch["target_item"][:, None]).astype(jnp.float32)
   return jnp.mean(optax.softmax_cross_entropy(logits, labels))
@@ -257,15 +256,9 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
 def match_options(cfg, enabled: bool = True) -> dict[str, float]:
   """Stage2Trainer's match_weight / match_temperature from config.stage2 (0 when the
   ablation drops a soft token, e.g. the MLP-LLM or w/o-user runs keep the LM loss)."""
-  weight = float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0
-  negatives = str(cfg.get("user_match_negatives", "prompt"))
-  if weight and int(cfg.get("user_match_batch", 0)) and negatives != "catalog":
-    raise ValueError("config.stage2.user_match_batch > 0 needs "
-                     "config.stage2.user_match_negatives='catalog' (extra examples have no "
-                     "prompt candidates)")
-  return {"match_weight": weight,
+  return {"match_weight": float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0,
           "match_temperature": float(cfg.get("user_match_temperature", 0.1)),
-          "match_negatives": negatives}
+          "match_negatives": str(cfg.get("user_match_negatives", "prompt"))}
 
 
 def match_batch(cfg, enabled: bool = True) -> int:

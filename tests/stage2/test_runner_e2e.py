@@ -80,6 +80,7 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   c.stage2.max_steps = -3
   c.llm.path = str(tmp_path / "no_such_llm")
   c.eval.baselines = "cf,tallrec"
+  c.stage2.user_match_weight, c.stage2.user_match_batch = 1.0, 8   # prompt negatives
   work = tmp_path / "run"
   with pytest.raises(ValueError) as e:
     runner.train_and_evaluate(c, work)
@@ -89,7 +90,9 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
                "--config.stage2.max_steps=-3 must be >= 0",
                f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist",
                "--config.eval.baselines: unknown baseline(s) ['tallrec']; known: ['cf', "
-               "'llm_only', 'mlp_llm', 'popularity']"):
+               "'llm_only', 'mlp_llm', 'popularity']",
+               "--config.stage2.user_match_batch > 0 needs "
+               "--config.stage2.user_match_negatives=catalog"):
     assert part in msg, part
   assert not work.exists()          # nothing was trained, no config.json written
   runner.validate_config(ml100k.get_config())   # the shipped configs pass
