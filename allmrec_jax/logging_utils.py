@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging as py_logging
 import math
 import pathlib
 
 from absl import logging
+import jax
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -42,3 +44,46 @@ class TensorBoard:
   def close(self):
     if self.w is not None:
       self.w.close()
+
+
+class MetricWriter:
+  """One writer of a stage's metrics: a row per `write` in `<dir>/metrics.jsonl` and the
+  same scalars in TensorBoard (`<dir>/tb`). Only process 0 of a multi-host run writes.
+
+  `truncate(key, last)` keeps the rows whose `key` ("step", "epoch") is <= last: what an
+  interrupted run logged past the checkpoint it resumes from is dropped, so a resumed run
+  logs every row once."""
+
+  def __init__(self, directory: pathlib.Path, name: str = "metrics.jsonl"):
+    self.primary = jax.process_index() == 0
+    self.path = pathlib.Path(directory) / name
+    self.tb = TensorBoard(pathlib.Path(directory) / "tb") if self.primary else None
+
+  def truncate(self, key: str, last: int) -> None:
+    if not self.primary or not self.path.exists():
+      return
+    rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+    keep = [r for r in rows if json.loads(r).get(key, 0) <= last]
+    if len(keep) != len(rows):
+      self.path.write_text("".join(r + "\n" for r in keep))
+
+  def reset(self) -> None:
+    """Removes the rows of an earlier run (a fresh start)."""
+    if self.primary and self.path.exists():
+      self.path.unlink()
+
+  def write(self, row: dict, tb_step: int) -> None:
+    if not self.primary:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    self.tb.scalars(tb_step, {k: v for k, v in row.items() if k not in ("step", "epoch")})
+
+  def scalars(self, tb_step: int, values: dict) -> None:
+    """TensorBoard only (values that are not a metrics.jsonl row)."""
+    if self.primary:
+      self.tb.scalars(tb_step, values)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()

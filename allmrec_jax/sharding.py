@@ -150,3 +150,38 @@ def fit_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding
     if shape[d] % math.prod(sharding.mesh.shape[a] for a in names):
       spec[d] = None
   return NamedSharding(sharding.mesh, P(*spec))
+
+
+def put_batch(mesh: Mesh, arrays: dict[str, Any], *, process_local: bool,
+              replicated_out: set | None = None) -> dict[str, jax.Array]:
+  """Host batch arrays -> global arrays with the leading axis over (data, fsdp).
+
+  process_local=True: each process passes its own rows (its slice of every global batch,
+  as stage 2's `iterate_batches(shard=...)` builds them); False: every process passes the
+  whole global batch (stage 1's grain iterator), and keeps its slice. An array whose global
+  rows do not divide the data shards is replicated (every process must then pass the
+  same rows); its (name, shape) is added to `replicated_out` so the caller can warn once.
+  """
+  shards = mesh.shape[ct.DATA] * mesh.shape[ct.FSDP]
+  pi, pc = jax.process_index(), jax.process_count()
+  out = {}
+  for k, v in arrays.items():
+    if isinstance(v, dict):     # nested arrays (stage 1's packed texts): the same rule each
+      out[k] = put_batch(mesh, v, process_local=process_local, replicated_out=replicated_out)
+      continue
+    v = np.asarray(v)
+    rows = v.shape[0] * (pc if process_local else 1)
+    if rows % shards:
+      if replicated_out is not None:
+        replicated_out.add((k, v.shape))
+      out[k] = jax.device_put(v, replicated(mesh))
+      continue
+    s = batch_sharding(mesh, v.ndim)
+    if pc == 1:
+      out[k] = jax.device_put(v, s)
+      continue
+    if not process_local:
+      per = rows // pc
+      v = v[pi * per:(pi + 1) * per]
+    out[k] = jax.make_array_from_process_local_data(s, v)
+  return out

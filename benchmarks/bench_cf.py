@@ -129,10 +129,10 @@ def main(argv):
     bs = [pipe[epoch * spe + s] for s in range(spe)]
     return {k: np.stack([b[k] for b in bs]) for k in ("seq", "pos", "neg", "mask")}
 
-  run = jax.jit(functools.partial(cf_trainer.train_epoch, model, tx,
-                                  losses.CF_LOSSES[config.cf.loss], jax.random.key(1),
-                                  grad_splits=cf_trainer.grad_splits(config)),
-                donate_argnums=(0,))
+  epoch = functools.partial(cf_trainer.train_epoch, model=model, tx=tx,
+                            loss_fn=losses.CF_LOSSES[config.cf.loss],
+                            grad_splits=cf_trainer.grad_splits(config))
+  run = jax.jit(lambda st, b: epoch(st, None, b, jax.random.key(1)), donate_argnums=(0,))
   run_t = None
   if FLAGS.torch_reference and FLAGS.model == "sasrec":
     c = config.cf

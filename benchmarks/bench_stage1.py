@@ -39,6 +39,7 @@ from allmrec_jax.data import pipelines
 from allmrec_jax.data import prepare
 from allmrec_jax.models import cf as cf_lib
 from allmrec_jax.trainers import stage1
+from allmrec_jax.trainers import steps
 from allmrec_jax.weights import sbert as sbert_lib
 from configs import ml100k
 
@@ -94,6 +95,7 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
   else:
     frozen["text_ids"], frozen["text_mask"] = jnp.asarray(ids), jnp.asarray(mask)
   step = stage1.make_train_step(models, cf_model, cfg, tx, vocab=vocab)
+  state = steps.new_state(trainable, opt_state)
   data = pipelines.stage1_dataset(ds, batch_size=cfg.batch_size, maxlen=cfg.maxlen, seed=0,
                                   num_epochs=100, drop_remainder=True)
   rows = stage1.packing_rows(mask, cfg.batch_size) if (cfg.pack_texts and not freeze) else None
@@ -106,7 +108,7 @@ def bench_jax(freeze: bool, ds, config, sb, cf_model, cf_vars, warmup: int, iter
       t = time.perf_counter()
       if rows is not None:   # host-side packing of the 120 texts (timed with the step)
         b = stage1.pack_batch_texts(b, ids, mask, rows)
-      trainable, opt_state, m = step(trainable, opt_state, frozen, b, jax.random.fold_in(key, i))
+      state, m = step(state, frozen, b, key)
       loss = float(m["train/loss"])   # blocks
       if i >= warmup:
         times.append(time.perf_counter() - t)

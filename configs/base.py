@@ -90,6 +90,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   #   bfloat16 with float32 accumulation (weights, norms,
                                   #   softmax float32). The authors' code runs OPT-6.7B in
                                   #   float16; "" keeps this port's float32 parity default
+  c.llm.lora_rank = 8             # LoRA adapter shape for the trainers that train adapters
+  c.llm.lora_alpha = 16.0         #   (stage2.train_lora; TALLRec's rank 8, alpha 16 on q, v);
+  c.llm.lora_targets = "q,v"      #   comma-separated of q, k, v, o. The frozen LLM ignores them
 
   # ---------------------------------------------------------------- stage 1
   c.stage1 = ml_collections.ConfigDict()
@@ -157,6 +160,10 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   #   candidates) | catalog (every item: a full-softmax loss)
   c.stage2.user_match_batch = 0   # extra training examples per step in that InfoNCE (catalog
                                   #   negatives only): x_u rows without a prompt or an LLM pass
+  c.stage2.train_lora = False     # True: LoRA adapters (config.llm.lora_*) on the LLM trained
+                                  #   with the projectors, same optimizer (beyond the paper,
+                                  #   whose LLM stays frozen: a small-LLM variant;
+                                  #   docs/results.md)
   c.stage2.use_user = True        # False = the "w/o user representation" ablation
   c.stage2.use_items = True       # False = the "w/o joint embeddings" ablation
 
@@ -170,9 +177,42 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8           # users per LLM evaluation batch
   c.eval.baselines = "cf,llm_only,mlp_llm"  # baselines scored on the same users/candidates
   c.eval.num_examples = 5         # users whose prompt/answer go into results.md
+  c.eval.genre_users = 0          # > 0: the paper's genre question for this many test users
+                                  #   (A-LLMRec, LLM-Only and the history's top-3 genres),
+                                  #   scored by genre precision / recall (allmrec_jax/genre.py)
   c.eval.diagnostics = "user_shuffled,items_permuted"  # extra rankings of A-LLMRec with x_u
                                   #   shuffled across users / item tokens permuted ("" = none)
   return c
+
+
+def run_config(workdir) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """(config, dropped): the config a run folder was trained with, `workdir/config.json`
+  over these defaults. A field the run's (older) code did not have keeps its default; the
+  fields this code no longer has are ignored and listed in `dropped`."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(workdir).expanduser() / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file (not a run folder of launch/train.py)")
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: unreadable ({e})") from None
+  c = get_base_config()
+  dropped = []
+
+  def overlay(dst, src, prefix):
+    for k, v in src.items():
+      if k not in dst:
+        dropped.append(prefix + k)
+      elif isinstance(v, dict) and isinstance(dst[k], ml_collections.ConfigDict):
+        overlay(dst[k], v, f"{prefix}{k}.")
+      else:
+        cur = dst[k]
+        dst[k] = type(cur)(v) if isinstance(cur, (tuple, list)) and v is not None else v
+
+  overlay(c, saved, "")
+  return c, dropped
 
 
 def field_help() -> str:

@@ -5,6 +5,9 @@
       --workdir=runs/gru4rec
 
 Finished stages are restored, interrupted ones resume from their latest checkpoint.
+Multi-host (every process runs the same command; each reads its slice of every batch):
+  python launch/train.py ... --coordinator_address=host0:1234 --num_processes=4 --process_id=$i
+  python launch/train.py ... --distributed          # TPU pods, SLURM: auto-detected
 """
 
 import os
@@ -26,15 +29,38 @@ _CONFIG = config_flags.DEFINE_config_file(
     "(configs/base.py, the paper's values) and meaning:\n" + base.field_help(),
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host runs: host:port of process 0; with it every "
+    "process calls jax.distributed.initialize (on TPU pods and SLURM/Open MPI clusters "
+    "pass --distributed alone: JAX finds the coordinator itself).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-host runs: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-host runs: this process's index (0 = coordinator).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                                 "with the cluster's auto-detected settings.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+  """jax.distributed.initialize from the flags (nothing for a single-process run)."""
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
+                           "together")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging_utils.quiet_libraries()
-  if os.environ.get("ALLMREC_DISTRIBUTED"):
-    jax.distributed.initialize()
+  init_distributed()
   if _CONFIG.value.asset_cache_dir:    # the asset cache every stage reads
     os.environ["ALLMREC_CACHE"] = os.path.expanduser(_CONFIG.value.asset_cache_dir)
   logging.info("JAX devices: %s", jax.devices())

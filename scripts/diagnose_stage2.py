@@ -63,10 +63,10 @@ def main(argv):
   source = "cf" if FLAGS.name == "stage2_mlp_llm" else config.stage2.item_source
   table = runner.item_table_for(
       source, tables, config.seed,
-      standardize=config.stage2.get("item_standardize", False))
+      standardize=config.stage2.item_standardize)
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
-                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+                                matmul_dtype=config.llm.matmul_dtype or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
   builder = runner.prompt_builder(ds, loaded.tokenizer, config.stage2)
   rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_vars, seq)

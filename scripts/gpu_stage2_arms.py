@@ -68,6 +68,7 @@ from typing import Any
 from collections.abc import Callable
 
 from absl import app
+import flax.linen as nn
 from absl import flags
 from absl import logging
 import jax
@@ -79,6 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from allmrec_jax import logging_utils  # pylint: disable=wrong-import-position
 from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
 from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
+from allmrec_jax.models import lora as lora_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
@@ -230,11 +232,14 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
   table = runner.item_table_for(
       config.stage2.item_source, tables, config.seed,
-      standardize=config.stage2.get("item_standardize", False))
+      standardize=config.stage2.item_standardize)
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
-                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+                                matmul_dtype=config.llm.matmul_dtype or "",
+                                lora_rank=config.llm.lora_rank,
+                                lora_alpha=config.llm.lora_alpha,
+                                lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
   llm, llm_params = loaded.module, {"params": loaded.params}
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=TRAIN_HISTORY,
                                     positions_per_user=config.stage2.positions_per_user)
@@ -306,7 +311,11 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     proj, trainer, ev = machinery(train_rep.shape[1])
     params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed),
                                          table.shape[1], train_rep.shape[1])
+    if config.stage2.train_lora:   # LoRA adapters trained with the projectors
+      params0["lora"] = lora_lib.init_adapters(llm, llm_params,
+                                               jax.random.PRNGKey(config.seed + 1))
     state = trainer.init_state(params0)
+    params0 = nn.unbox(params0)
     before = rank(ev, builder, params0, eval_rep)
     curve = [[0, before["hit@1"]]]
     latest = (0, before)
@@ -356,9 +365,9 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
       curve.append([step, after["hit@1"]])
     row = {"arm": name, "user": spec.user, "steps_requested": steps, "steps_done": step,
            "stopped_by_budget": stopped, "batch_size": batch_size, "bos": cfg.bos,
-           "item_slot": cfg.get("item_slot", "after_title"),
-           "user_at_answer": bool(cfg.get("user_at_answer", False)),
-           "item_standardize": bool(cfg.get("item_standardize", False)), "lr": cfg.lr,
+           "item_slot": cfg.item_slot,
+           "user_at_answer": bool(cfg.user_at_answer),
+           "item_standardize": bool(cfg.item_standardize), "lr": cfg.lr,
            "train_candidates": TRAIN_CANDIDATES, "train_history": TRAIN_HISTORY,
            "positions_per_user": cfg.positions_per_user,
            "eval_split": "valid", "eval_users": len(es.users),

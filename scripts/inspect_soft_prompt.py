@@ -198,9 +198,9 @@ def main(argv):
   cf_vars = {"params": cf_params}
   tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
   table = runner.item_table_for(cfg.item_source, tables, config.seed,
-                                   standardize=cfg.get("item_standardize", False))
+                                   standardize=cfg.item_standardize)
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
-                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+                                matmul_dtype=config.llm.matmul_dtype or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
   builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
 
@@ -260,11 +260,11 @@ def main(argv):
   tmask = pb["target_mask"][0] > 0
   nll = float(-(tok_logp[0] * tmask).sum() / max(tmask.sum(), 1))
   length = int(pb["attention_mask"][0].sum())
-  info = {"config": {"bos": cfg.bos, "item_slot": cfg.get("item_slot", "after_title"),
-                     "user_at_answer": bool(cfg.get("user_at_answer", False)),
+  info = {"config": {"bos": cfg.bos, "item_slot": cfg.item_slot,
+                     "user_at_answer": bool(cfg.user_at_answer),
                      "item_source": cfg.item_source, "use_user": bool(cfg.use_user),
                      "use_items": bool(cfg.use_items),
-                     "matmul_dtype": config.llm.get("matmul_dtype", "") or ""},
+                     "matmul_dtype": config.llm.matmul_dtype or ""},
           "projectors": source, "split": FLAGS.split, "user_index": FLAGS.user_index,
           "user": int(es.users[0]), "target": target, "target_title": ds.titles[target],
           "length": length, "pos0_token": loaded.tokenizer.convert_ids_to_tokens(

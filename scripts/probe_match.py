@@ -61,7 +61,7 @@ def main(argv):
   cf_vars = {"params": cf_params}
   tables = runner.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
   table = runner.item_table_for(cfg.item_source, tables, config.seed,
-                                standardize=cfg.get("item_standardize", False))
+                                standardize=cfg.item_standardize)
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
                                     positions_per_user=cfg.positions_per_user)
   user_rep = stage2_lib.user_representations(cf_model, cf_vars, ex.seq)
@@ -116,7 +116,7 @@ def main(argv):
   print(json.dumps({"negatives": FLAGS.negatives, "batch": FLAGS.batch,
                     "temperature": FLAGS.temperature, "lr": cfg.lr,
                     "item_source": cfg.item_source,
-                    "item_standardize": bool(cfg.get("item_standardize", False)),
+                    "item_standardize": bool(cfg.item_standardize),
                     "examples": int(ex.users.size), "eval_users": len(es.users),
                     "projectors_from": FLAGS.projectors_from}), flush=True)
   evaluate(0, params, None)

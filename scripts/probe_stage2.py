@@ -26,6 +26,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 from ml_collections import config_flags
 import jax
 import numpy as np
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
 from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
+from allmrec_jax.models import lora as lora_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
@@ -96,11 +98,14 @@ def main(argv):
     table[1:, 1] = 1.0
   else:
     table = runner.item_table_for(FLAGS.items, tables, config.seed,
-                                   standardize=cfg.get("item_standardize", False))
+                                   standardize=cfg.item_standardize)
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
-                                matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+                                matmul_dtype=config.llm.matmul_dtype or "",
+                                lora_rank=config.llm.lora_rank,
+                                lora_alpha=config.llm.lora_alpha,
+                                lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
   llm, llm_params = loaded.module, {"params": loaded.params}
   builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
 
@@ -123,7 +128,10 @@ def main(argv):
                                      **stage2_lib.match_options(cfg, use_user))
   params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed), table.shape[1],
                                        user_rep.shape[1])
+  if cfg.train_lora:   # adapters trained with the projectors (boxed: sharded by logical axes)
+    params0["lora"] = lora_lib.init_adapters(llm, llm_params, jax.random.PRNGKey(config.seed + 1))
   state = trainer.init_state(params0)
+  params0 = nn.unbox(params0)
 
   es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
                               num_history=config.eval.num_history, max_users=FLAGS.eval_users,
@@ -157,9 +165,10 @@ def main(argv):
 
   out = {"user": FLAGS.user, "items": FLAGS.items, "steps": FLAGS.steps, "lr": cfg.lr,
          "bos": cfg.bos, "item_slot": cfg.item_slot, "user_at_answer": cfg.user_at_answer,
-         "item_standardize": bool(cfg.get("item_standardize", False)),
+         "item_standardize": bool(cfg.item_standardize),
          "train_candidates": cfg.num_candidates, "train_history": cfg.num_history,
          "batch_size": cfg.batch_size, "positions_per_user": cfg.positions_per_user,
+         "train_lora": bool(cfg.train_lora), "match_weight": float(cfg.user_match_weight),
          "eval_users": len(es.users), "split": FLAGS.split, "workdir": FLAGS.workdir,
          "before": rank(params0)}
   print(json.dumps({"before": out["before"]}), flush=True)

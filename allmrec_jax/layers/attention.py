@@ -148,20 +148,28 @@ class Attention(nn.Module):
   dtype: ct.DType = jnp.float32
   param_dtype: ct.DType = jnp.float32
   matmul_dtype: ct.DType | None = None   # see DenseGeneral
+  lora_rank: int = 0                     # adapter rank of the projections in lora_targets
+  lora_alpha: float = 16.0               #   (DenseGeneral.lora_rank / lora_alpha)
+  lora_targets: tuple[str, ...] = ()     # of "q", "k", "v", "o"
 
   @nn.compact
   def __call__(self, x: ct.Array, mask: ct.Array, cos_sin: tuple[ct.Array, ct.Array] | None = None,
                layer_cache: Cache | None = None, end: ct.Array | None = None
                ) -> tuple[ct.Array, Cache | None]:
     """x float[B, T, E], mask bool[B, T, S] -> (float[B, T, E], updated {"k", "v"} or None)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+    base = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_dtype=self.matmul_dtype)
+
+    def kw(name):
+      rank = self.lora_rank if name in self.lora_targets else 0
+      return dict(base, name=name, lora_rank=rank, lora_alpha=self.lora_alpha)
+
     e = x.shape[-1]
     q = DenseGeneral((self.num_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
-                     use_bias=self.qkv_bias, name="q", **kw)(x)
+                     use_bias=self.qkv_bias, **kw("q"))(x)
     k = DenseGeneral((self.num_kv_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
-                     use_bias=self.qkv_bias, name="k", **kw)(x)
+                     use_bias=self.qkv_bias, **kw("k"))(x)
     v = DenseGeneral((self.num_kv_heads, self.head_dim), (ct.EMBED, ct.HEADS, ct.KV),
-                     use_bias=self.qkv_bias, name="v", **kw)(x)
+                     use_bias=self.qkv_bias, **kw("v"))(x)
     if self.use_rotary:
       cos, sin = cos_sin
       q = rotary.apply_rotary(q, cos, sin)
@@ -182,5 +190,5 @@ class Attention(nn.Module):
                attention_probs(q, k, mask, scale).mean(axis=(1, 2)))
     out = nn.with_logical_constraint(out, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
     y = DenseGeneral((e,), (ct.HEADS, ct.KV, ct.EMBED), num_contract=2, use_bias=self.out_bias,
-                     name="o", **kw)(out)
+                     **kw("o"))(out)
     return y, new_cache

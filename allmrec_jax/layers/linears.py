@@ -32,6 +32,12 @@ class DenseGeneral(nn.Module):
     dtype: compute dtype; param_dtype: parameter dtype.
     matmul_dtype: None = matmul in `dtype`; e.g. bfloat16 = operands rounded to it with
       float32 accumulation (`low_precision_dense`), the result cast to `dtype`.
+    lora_rank: > 0 makes the layer an adapter target: y += (alpha / rank) * (x . A) . B with
+      A [*in, rank] and B [rank, *features] in the "lora" collection (Hu et al. 2021; A
+      uniform in +-1/sqrt(fan_in), B zero, so a fresh adapter leaves y unchanged). The
+      adapter runs only when that collection is passed (or is being created: applied with
+      mutable=["lora"]); without it the layer is the plain frozen projection.
+    lora_alpha: the alpha of that scale.
   """
   features: Sequence[int]
   kernel_axes: Sequence[str | None]
@@ -41,6 +47,8 @@ class DenseGeneral(nn.Module):
   param_dtype: ct.DType = jnp.float32
   kernel_init: nn.initializers.Initializer = default_kernel_init
   matmul_dtype: ct.DType | None = None
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x: ct.Array) -> ct.Array:
@@ -66,7 +74,26 @@ class DenseGeneral(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
                         features, self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.lora_rank and (self.is_mutable_collection("lora") or self.has_variable("lora", "a")):
+      y = y + self._lora_delta(x, in_shape, features)
     return y
+
+  def _lora_delta(self, x: ct.Array, in_shape: tuple[int, ...],
+                  features: tuple[int, ...]) -> ct.Array:
+    """(alpha / rank) * (x . A) . B in `dtype` (the adapter matmuls are rank-thin)."""
+    r, nc = self.lora_rank, self.num_contract
+    axes = tuple(self.kernel_axes)
+    a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                              in_axis=tuple(range(nc)), out_axis=-1)
+    a = self.variable("lora", "a", lambda: nn.LogicallyPartitioned(
+        a_init(self.make_rng("params"), in_shape + (r,), self.param_dtype),
+        names=axes[:nc] + (None,))).value
+    b = self.variable("lora", "b", lambda: nn.LogicallyPartitioned(
+        jnp.zeros((r,) + features, self.param_dtype), names=(None,) + axes[nc:])).value
+    contract_x = tuple(range(x.ndim - nc, x.ndim))
+    h = lax.dot_general(x, a.astype(self.dtype), ((contract_x, tuple(range(nc))), ((), ())))
+    y = lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    return (self.lora_alpha / r) * y
 
 
 class Embed(nn.Module):

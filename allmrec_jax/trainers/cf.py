@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from allmrec_jax import checkpointing
+from allmrec_jax import config_lib
 from allmrec_jax import common_types as ct
 from allmrec_jax import logging_utils
 from allmrec_jax import losses
@@ -53,11 +54,6 @@ FINISHED = "FINISHED"
 
 
 # ---------------------------------------------------------------------------- setup
-def _cf(config, key, default=None):
-  return config.cf.get(key, default) if hasattr(config.cf, "get") else getattr(
-      config.cf, key, default)
-
-
 def make_model(config, num_items: int) -> cf_models.CFSurface:
   """The configured backbone; sequences are config.data.maxlen long."""
   cf = dict(config.cf)
@@ -68,7 +64,7 @@ def make_model(config, num_items: int) -> cf_models.CFSurface:
 def make_optimizer(config) -> optax.GradientTransformation:
   """Adam(lr, b1, b2) as in SASRec's code (optional global-norm clipping)."""
   return _adam(float(config.cf.lr), float(config.cf.b1), float(config.cf.b2),
-               float(_cf(config, "grad_clip", 0.0) or 0.0))
+               float(config.cf.grad_clip))
 
 
 def _adam(lr: float, b1: float, b2: float, clip: float) -> optax.GradientTransformation:
@@ -90,20 +86,22 @@ def init_params(model: nn.Module, rng: jax.Array, maxlen: int, mesh=None, rules=
 
 
 # ---------------------------------------------------------------------------- steps
-def train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, base_key,
-               state: dict[str, Any], batch: dict[str, jax.Array], grad_splits: int = 1
-               ) -> tuple[dict[str, Any], jax.Array]:
-  """One Adam step on a batch {seq, pos, neg: int32[B, L], mask: float32[B]}.
+def train_step(state: dict[str, Any], frozen: PyTree, batch: dict[str, jax.Array],
+               rng: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation, loss_fn,
+               grad_splits: int = 1) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One Adam step on a batch {seq, pos, neg: int32[B, L], mask: float32[B]}, in the shape
+  of every stage's step (trainers/steps.py; `frozen` is unused: the CF model trains whole).
 
-  state = {"params", "opt_state", "step": int32[]}; dropout key = fold_in(base_key, step).
+  state = {"params", "opt_state", "step": int32[]}; dropout key = fold_in(rng, step).
   grad_splits > 1 computes the gradient as the M_i / M weighted sum over that many equal
   row blocks (M_i = the block's loss weight, M the batch's; the same objective as one
   block, since the CF losses are weighted means), each block with dropout key
   fold_in(key, i). The blocks are independent branches of the program, which XLA:CPU runs
   side by side; on small models that is faster than one block (`config.cf.grad_splits`).
-  Returns (new state, float[] loss).
+  Returns (new state, {"train/loss": float[]}).
   """
-  key = jax.random.fold_in(base_key, state["step"])
+  del frozen
+  key = jax.random.fold_in(rng, state["step"])
 
   def loss_of(params, b, k):
     pos_logits, neg_logits = model.apply({"params": params}, b["seq"], b["pos"], b["neg"],
@@ -129,14 +127,19 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn, base
       grads = g_i if grads is None else jax.tree.map(jnp.add, grads, g_i)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {
+      "train/loss": loss}
 
 
-def train_epoch(model, tx, loss_fn, base_key, state, batches, grad_splits: int = 1):
+def train_epoch(state, frozen, batches, rng, *, model, tx, loss_fn, grad_splits: int = 1):
   """`train_step` scanned over batches {k: [S, B, ...]} -> (state, float[S] losses)."""
-  return jax.lax.scan(functools.partial(train_step, model, tx, loss_fn, base_key,
-                                        grad_splits=grad_splits),
-                      state, batches)
+  step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                           grad_splits=grad_splits)
+
+  def body(st, b):
+    st, m = step(st, frozen, b, rng)
+    return st, m["train/loss"]
+  return jax.lax.scan(body, state, batches)
 
 
 @functools.lru_cache(maxsize=16)
@@ -146,8 +149,8 @@ def _jitted_epoch(model, loss: str, lr: float, b1: float, b2: float, clip: float
   tx = _adam(lr, b1, b2, clip)
 
   def run(state, batches, dropout_key):
-    return train_epoch(model, tx, losses.CF_LOSSES[loss], dropout_key, state, batches,
-                       grad_splits=grad_splits)
+    return train_epoch(state, None, batches, dropout_key, model=model, tx=tx,
+                       loss_fn=losses.CF_LOSSES[loss], grad_splits=grad_splits)
   return jax.jit(run, donate_argnums=(0,))
 
 
@@ -292,20 +295,6 @@ def _stage_dir(workdir) -> pathlib.Path:
   return pathlib.Path(os.path.expanduser(os.fspath(workdir))) / STAGE
 
 
-def _append_jsonl(path: pathlib.Path, record: dict):
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def _truncate_jsonl(path: pathlib.Path, max_epoch: int):
-  """Drops records after `max_epoch` (what an interrupted run logged past its checkpoint)."""
-  if not path.exists():
-    return
-  keep = [l for l in path.read_text().splitlines()
-          if l.strip() and json.loads(l).get("epoch", 0) <= max_epoch]
-  path.write_text("".join(l + "\n" for l in keep))
-
-
 def _get_dataset(config, dataset):
   if dataset is not None:
     return dataset
@@ -331,8 +320,8 @@ def _on_mesh(tree: PyTree, mesh) -> PyTree:
 
 
 def grad_splits(config) -> int:
-  """config.cf.grad_splits (default 1), checked against config.cf.batch_size."""
-  n = int(_cf(config, "grad_splits", 1) or 1)
+  """config.cf.grad_splits, checked against config.cf.batch_size."""
+  n = int(config.cf.grad_splits)
   bsz = int(config.cf.batch_size)
   if n < 1 or bsz % n:
     raise ValueError(f"config.cf.grad_splits={n} must be >= 1 and divide "
@@ -341,7 +330,7 @@ def grad_splits(config) -> int:
 
 
 def _mesh(config):
-  rules = sharding.axis_rules(config.mesh.get("logical_axis_rules", None))
+  rules = sharding.axis_rules(config.mesh.logical_axis_rules)
   return sharding.make_mesh(tuple(config.mesh.shape)), rules
 
 
@@ -361,6 +350,7 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   dataset = _get_dataset(config, dataset)
   out_dir = _stage_dir(workdir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  config_lib.CFTrainConfig.from_config(config)   # every field present, none unknown
   cfc = config.cf
   maxlen = int(config.data.maxlen)
   model = make_model(config, dataset.num_items)
@@ -388,6 +378,7 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   restored = checkpointing.restore(mngr, abstract={"params": state["params"],
                                                    "opt_state": state["opt_state"]},
                                    quarantine=True)
+  writer = logging_utils.MetricWriter(out_dir)
   if restored is not None:
     state = _on_mesh({"params": restored["params"], "opt_state": restored["opt_state"],
                       "step": jnp.asarray(restored["extra"]["train_step"], jnp.int32)}, mesh)
@@ -395,9 +386,9 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     best = float(restored["extra"]["best"])
     bad = int(restored["extra"]["bad"])
     logging.info("cf: resumed at epoch %d (step %d)", start_epoch, int(state["step"]))
-    _truncate_jsonl(out_dir / "metrics.jsonl", start_epoch)
-  elif (out_dir / "metrics.jsonl").exists():
-    (out_dir / "metrics.jsonl").unlink()
+    writer.truncate("epoch", start_epoch)
+  else:
+    writer.reset()
 
   pipe = pipelines.cf_train_dataset(dataset, batch_size=int(cfc.batch_size), maxlen=maxlen,
                                     seed=seed, num_epochs=int(cfc.num_epochs) + 1,
@@ -412,16 +403,15 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     return {k: np.stack([b[k] for b in bs]) for k in keys}
 
   epoch_fn = _jitted_epoch(model, str(cfc.loss), float(cfc.lr), float(cfc.b1), float(cfc.b2),
-                           float(_cf(config, "grad_clip", 0.0) or 0.0), grad_splits(config))
+                           float(config.cf.grad_clip), grad_splits(config))
   run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
-  evaluator = Evaluator(model, dataset, maxlen, int(_cf(config, "eval_batch_size", 256)),
+  evaluator = Evaluator(model, dataset, maxlen, int(config.cf.eval_batch_size),
                         cold_fraction=float(config.data.cold_fraction))
-  tb = logging_utils.TensorBoard(out_dir / "tb")
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
   ckpt_every = max(int(cfc.ckpt_every), 1)
   stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
   bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,
-                  bool(_cf(config, "progress", True)))
+                  bool(config.cf.progress))
   next_batches = epoch_batches(start_epoch + 1) if start_epoch < num_epochs else None
   for epoch in bar:
     if stopped_early:
@@ -462,10 +452,9 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
                          extra={"epoch": epoch, "train_step": int(state["step"]),
                                 "best": best, "bad": bad, "stopped": stopped_early},
                          metrics={cfc.select_metric: value} if evaluated else None)
-    _append_jsonl(out_dir / "metrics.jsonl", record)
-    tb.scalars(epoch, record)
+    writer.write(record, epoch)
     if stop_after_epoch is not None and epoch >= stop_after_epoch:
-      tb.close()
+      writer.close()
       return model, state["params"], record
     if stopped_early:
       logging.info("cf: early stop at epoch %d", epoch)
@@ -486,8 +475,8 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   final["test/eval_time_s"] = time.perf_counter() - t1
   final["model"] = str(cfc.model)
   final["seed"] = seed
-  tb.scalars(num_epochs + 1, final)
-  tb.close()
+  writer.scalars(num_epochs + 1, final)
+  writer.close()
   with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
     json.dump(final, f, indent=2, sort_keys=True)
   (out_dir / FINISHED).write_text(json.dumps({"best_epoch": final["best_epoch"]}) + "\n")

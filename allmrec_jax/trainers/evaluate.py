@@ -16,6 +16,7 @@ fixed seeded order. Two LLM protocols:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -28,6 +29,7 @@ from allmrec_jax import metrics as metrics_lib
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
+from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import soft_prompt
 
 RANK_KS = (1, 3, 5, 10)
@@ -81,10 +83,15 @@ def make_eval_set(ds: dataset_lib.RecDataset, split: str, *, maxlen: int, num_hi
 
 def cf_scores(cf_model, cf_params, es: EvalSet, batch: int = 1024) -> np.ndarray:
   """float[B, C] the CF backbone's scores of the candidates (candidate order)."""
-  fn = jax.jit(lambda p, s, c: cf_model.apply(p, s, c, method=cf_model.score))
-  return np.concatenate([np.asarray(fn(cf_params, es.seq[i:i + batch],
-                                       es.candidates[i:i + batch]))
+  return np.concatenate([np.asarray(cf_score(cf_model, cf_params, es.seq[i:i + batch],
+                                               es.candidates[i:i + batch]))
                          for i in range(0, len(es.users), batch)], 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def cf_score(cf_model, cf_params, seq, items):
+  """float[B, C]: the CF model's scores of items int[B, C] after sequences int[B, L]."""
+  return cf_model.apply(cf_params, seq, items, method=cf_model.score)
 
 
 def popularity_scores(ds: dataset_lib.RecDataset, es: EvalSet) -> np.ndarray:
@@ -137,7 +144,8 @@ class LLMEvaluator:
     def score_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask, *,
                  packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
-      return generate_lib.score_continuations_fn(llm, llm_params, None, embeds,
+      llm_vars = lora_lib.with_adapters(llm_params, proj_params)
+      return generate_lib.score_continuations_fn(llm, llm_vars, None, embeds,
                                                  batch["attention_mask"], cont_ids,
                                                  cont_mask, packed_len=packed_len)
 
@@ -145,7 +153,7 @@ class LLMEvaluator:
                          eos, options, *, packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
       return generate_lib.rank_and_generate_fn(
-          llm, llm_params, None, embeds, batch["attention_mask"], cont_ids, cont_mask, eos,
+          llm, lora_lib.with_adapters(llm_params, proj_params), None, embeds, batch["attention_mask"], cont_ids, cont_mask, eos,
           options, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
           pad_id=int(tokenizer.pad_token_id), packed_len=packed_len)
 
@@ -212,7 +220,8 @@ class LLMEvaluator:
   def _generate(self, batch: dict) -> list[str]:
     embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)
     out = generate_lib.generate(
-        self.llm, self.llm_params, inputs_embeds=embeds,
+        self.llm, lora_lib.with_adapters(self.llm_params, self.proj_params),
+        inputs_embeds=embeds,
         attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
         eos_id=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id),
         repetition_penalty=self.repetition_penalty)

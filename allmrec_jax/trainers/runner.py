@@ -16,10 +16,14 @@ import pathlib
 import time
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from allmrec_jax import config_lib
 from allmrec_jax import sharding
 from allmrec_jax.data import prompts as prompts_lib
+from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.trainers import evaluate as eval_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
@@ -66,17 +70,34 @@ def validate_config(config) -> None:
     if v and not pathlib.Path(str(v)).expanduser().exists():
       problems.append(f"--config.{f}={v!r} does not exist")
   _stages(config)
-  s2 = config.get("stage2", {})
-  if (s2.get("user_match_weight", 0) and s2.get("user_match_batch", 0)
-      and s2.get("user_match_negatives", "prompt") != "catalog"):
+  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
+  for build in (config_lib.CFTrainConfig.from_config, stage1_lib.Stage1Config.from_config,
+                config_lib.Stage2Config.from_config):
+    try:
+      build(config)
+    except ValueError as e:    # missing / unknown fields, impossible stage-1 values
+      problems.append(str(e))
+  s2 = config.stage2
+  if (s2.user_match_weight and s2.user_match_batch
+      and s2.user_match_negatives != "catalog"):
     problems.append("--config.stage2.user_match_batch > 0 needs "
                     "--config.stage2.user_match_negatives=catalog (the extra examples have no "
                     "prompt candidates)")
-  if "eval" in config:
-    try:
-      baselines_of(config)
-    except ValueError as e:
-      problems.append(str(e))
+  try:
+    lora_lib.parse_targets(config.llm.lora_targets)
+  except ValueError as e:
+    problems.append(str(e))
+  has_lora = config.llm.lora_rank > 0 and bool(config.llm.lora_targets)
+  if s2.train_lora and not has_lora:
+    problems.append("--config.stage2.train_lora=True needs --config.llm.lora_rank > 0 and "
+                    "--config.llm.lora_targets")
+  if "tallrec" in str(config.eval.baselines).split(",") and not has_lora:
+    problems.append("--config.eval.baselines=tallrec needs --config.llm.lora_rank > 0 and "
+                    "--config.llm.lora_targets")
+  try:
+    baselines_of(config)
+  except ValueError as e:
+    problems.append(str(e))
   if problems:
     raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -171,7 +192,7 @@ def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
   """
   if cfg.bos not in BOS_CHOICES:
     raise ValueError(f"config.stage2.bos={cfg.bos!r}; expected one of {sorted(BOS_CHOICES)}")
-  first = cfg.get("first_token", "") or ""
+  first = cfg.first_token or ""
   if first:
     first_id = tokenizer.convert_tokens_to_ids(first)
     if first_id is None or first_id == tokenizer.unk_token_id:
@@ -185,8 +206,8 @@ def prompt_builder(ds, tokenizer, cfg) -> prompts_lib.PromptBuilder:
   builder = prompts_lib.PromptBuilder(
       tokenizer, ds.titles, ds.domain, max_title_tokens=cfg.max_title_tokens,
       bos_id=first_id, lead=BOS_CHOICES[cfg.bos],
-      item_slot=cfg.get("item_slot", "after_title"),
-      user_at_answer=cfg.get("user_at_answer", False), eos_id=tokenizer.eos_token_id,
+      item_slot=cfg.item_slot, user_at_answer=cfg.user_at_answer,
+      eos_id=tokenizer.eos_token_id,
       slot_id=tokenizer.pad_token_id, pad_id=tokenizer.pad_token_id,
       len_bucket=cfg.len_bucket)
   if builder.num_truncated_titles:
@@ -232,31 +253,40 @@ class Stage2Run:
   evaluation so that an interrupted one resumes with the next model."""
 
   def __init__(self, config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
-               tables: dict[str, np.ndarray], mesh=None, rules=None):
+               tables: dict[str, np.ndarray], mesh=None, rules=None,
+               eval_users: bool = True):
     from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
     self.config, self.workdir, self.ds = config, workdir, ds
-    self.cfg, self.ecfg = config.stage2, config.eval
+    self.cfg, self.ecfg = config_lib.Stage2Config.from_config(config), config.eval
     self.cf_model, self.cf_params, self.tables = cf_model, cf_params, tables
     self.mesh, self.rules = mesh, rules
     self.loaded = llm_weights.load_llm(
         config.llm.path or None, dtype=config.llm.dtype, mesh=mesh, rules=rules,
-        remat=config.llm.remat, matmul_dtype=config.llm.get("matmul_dtype", "") or "")
+        remat=config.llm.remat, matmul_dtype=config.llm.matmul_dtype or "",
+        lora_rank=config.llm.lora_rank, lora_alpha=config.llm.lora_alpha,
+        lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
     self.llm_params = {"params": self.loaded.params}
     self.builder = prompt_builder(ds, self.loaded.tokenizer, self.cfg)
-    self.es = eval_lib.make_eval_set(ds, self.ecfg.split, maxlen=config.data.maxlen,
-                                     num_history=self.ecfg.num_history,
-                                     max_users=self.ecfg.max_users,
-                                     seed=config.data.candidate_seed)
-    self.user_rep = self.user_representations(self.es.seq)
+    self.es = self.user_rep = None        # eval_users=False: no evaluation set (recommend)
+    if eval_users:
+      self.es = eval_lib.make_eval_set(ds, self.ecfg.split, maxlen=config.data.maxlen,
+                                       num_history=self.ecfg.num_history,
+                                       max_users=self.ecfg.max_users,
+                                       seed=config.data.candidate_seed)
+      self.user_rep = self.user_representations(self.es.seq)
     self.prefix = f"{self.ecfg.split}/"
     self.eval_dir = workdir / "stage2" / "eval"
     self.examples: dict[str, dict] = {}      # label -> {"texts"} for results.md
+    self.genre_answers: dict | None = None    # eval/genre.json (eval.genre_users > 0)
 
   def user_representations(self, seq: np.ndarray) -> np.ndarray:
     return stage2_lib.user_representations(self.cf_model, self.cf_params, seq)
 
   def projectors_for(self, table: np.ndarray) -> projectors_lib.Stage2Projectors:
-    return projectors_lib.Stage2Projectors(table.shape[1], self.user_rep.shape[1],
+    seq = jax.ShapeDtypeStruct((1, self.config.data.maxlen), jnp.int32)
+    user_dim = jax.eval_shape(lambda s: self.cf_model.apply(
+        self.cf_params, s, method=self.cf_model.user_representation), seq).shape[1]
+    return projectors_lib.Stage2Projectors(table.shape[1], user_dim,
                                            self.loaded.config.hidden_size)
 
   def evaluator(self, table=None, proj_params=None, *, use_user=True, use_items=True,
@@ -266,23 +296,23 @@ class Stage2Run:
               tokenizer=self.loaded.tokenizer, builder=self.builder, titles=self.ds.titles,
               batch_size=self.ecfg.batch_size, max_new_tokens=self.ecfg.max_new_tokens,
               repetition_penalty=self.ecfg.repetition_penalty)
-    if not soft:
-      return eval_lib.LLMEvaluator(soft=False, **kw)
+    if not soft:   # text-only prompts; proj_params = {"lora": ...} of a TALLRec run
+      return eval_lib.LLMEvaluator(soft=False, proj_params=proj_params, **kw)
     return eval_lib.LLMEvaluator(projectors=self.projectors_for(table), proj_params=proj_params,
                                  item_table=table, use_user=use_user, use_items=use_items,
                                  **kw)
 
-  def validation_fn(self, table, use_user, use_items):
+  def validation_fn(self, table, use_user, use_items, soft=True):
     """params -> validation ranking metrics on `stage2.eval_users` seeded users (None when
     `stage2.eval_every` is 0)."""
-    if not self.cfg.get("eval_every", 0):
+    if not self.cfg.eval_every:
       return None
     val = eval_lib.make_eval_set(self.ds, "valid", maxlen=self.config.data.maxlen,
                                  num_history=self.ecfg.num_history,
                                  max_users=self.cfg.eval_users,
                                  seed=self.config.data.candidate_seed)
     val_rep = self.user_representations(val.seq)
-    ev = self.evaluator(table, use_user=use_user, use_items=use_items)
+    ev = self.evaluator(table, use_user=use_user, use_items=use_items, soft=soft)
 
     def run(params):
       ev.proj_params = params
@@ -293,17 +323,17 @@ class Stage2Run:
     return run
 
   def train_variant(self, name: str, source: str, use_user: bool = True,
-                    use_items: bool = True):
-    """Trains (or restores) projectors in stage2-like folder `name` on item table `source`;
-    returns (params, table)."""
+                    use_items: bool = True, soft: bool = True):
+    """Trains (or restores) projectors in stage2-like folder `name` on item table `source`
+    (soft=False: LoRA adapters on text-only prompts); returns (params, table)."""
     table = item_table_for(source, self.tables, self.config.seed,
-                           standardize=self.cfg.get("item_standardize", False))
+                           standardize=self.cfg.item_standardize)
     params = stage2_lib.train(self.config, self.workdir, self.ds, llm=self.loaded.module,
                               llm_params=self.llm_params, builder=self.builder,
                               user_rep_fn=self.user_representations, item_table=table,
                               name=name, mesh=self.mesh, rules=self.rules,
-                              use_user=use_user, use_items=use_items,
-                              eval_fn=self.validation_fn(table, use_user, use_items))
+                              use_user=use_user, use_items=use_items, soft=soft,
+                              eval_fn=self.validation_fn(table, use_user, use_items, soft))
     return params, table
 
   def evaluated(self, key: str, label: str, run, prepare=lambda: None) -> dict[str, float]:
@@ -369,6 +399,51 @@ def _mlp_llm_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
                        prepare=lambda: run.train_variant("stage2_mlp_llm", "cf"))
 
 
+@register_baseline("tallrec", "TALLRec")
+def _tallrec_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
+  """LoRA adapters (config.llm.lora_*) trained on the text-only prompts of LLM-Only with
+  stage 2's budget and optimizer (TALLRec: Bao et al. 2023, rank 8 on q and v)."""
+  def evaluate(trained):
+    params, _ = trained
+    r = run.evaluator(proj_params=params, soft=False).evaluate(run.es, None,
+                                                               desc="eval TALLRec")
+    return r, eval_lib.llm_metrics(r, prefix)
+  return run.evaluated("tallrec", "TALLRec", evaluate,
+                       prepare=lambda: run.train_variant("stage2_tallrec",
+                                                         run.cfg.item_source, soft=False))
+
+
+def genre_task(run: Stage2Run, ev: eval_lib.LLMEvaluator) -> dict[str, float]:
+  """The paper's genre question for the first `eval.genre_users` evaluation users, answered
+  by A-LLMRec (`ev`) and LLM-Only, and the history's top-3 genres as the non-LLM reference;
+  genre precision / recall against the held-out items' genres (allmrec_jax/genre.py).
+  Kept in eval/genre.json (metrics and answers)."""
+  from allmrec_jax import genre as genre_lib  # pylint: disable=import-outside-toplevel
+  path = run.eval_dir / "genre.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
+  else:
+    n = min(int(run.ecfg.genre_users), len(run.es.users))
+    sub, rep = run.es.take(slice(0, n)), run.user_rep[:n]
+    answers = {
+        "A-LLMRec": ev.generate_texts(sub, rep, task="genre", desc="genre A-LLMRec"),
+        "LLM-Only": run.evaluator(soft=False).generate_texts(sub, None, task="genre",
+                                                             desc="genre LLM-Only"),
+        "history top-3 genres": genre_lib.history_genres_answer(run.ds, sub.history)}
+    vocab = genre_lib.genre_vocabulary(run.ds.genres)
+    ref = genre_lib.held_out_genres(run.ds, sub.users)
+    keys = {"A-LLMRec": "allmrec", "LLM-Only": "llm_only", "history top-3 genres": "history"}
+    metrics = {"genre/num_users": float(n)}
+    for label, texts in answers.items():
+      metrics.update(genre_lib.genre_metrics(texts, ref, vocab, f"genre/{keys[label]}/"))
+    saved = {"metrics": metrics, "answers": answers, "users": sub.users.tolist(),
+             "held_out": [sorted(r) for r in ref]}
+    run.eval_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved))
+  run.genre_answers = saved
+  return saved["metrics"]
+
+
 def baselines_of(config) -> list[str]:
   """config.eval.baselines as a list; an unknown name is a one-line error."""
   names = [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()]
@@ -404,7 +479,7 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   metrics.update(run.evaluated("allmrec", "A-LLMRec", evaluate_allmrec))
   metrics["eval/users_per_s"] = len(run.es.users) / metrics["eval/allmrec/seconds"]
 
-  diagnostics = tuple(d.strip() for d in str(run.ecfg.get("diagnostics", "")).split(",")
+  diagnostics = tuple(d.strip() for d in str(run.ecfg.diagnostics).split(",")
                       if d.strip())
 
   def evaluate_diagnostics(_):
@@ -420,10 +495,12 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
 
   for name in baselines:
     metrics.update(BASELINES[name][1](run, f"baselines/{name}/{prefix}"))
+  if int(run.ecfg.genre_users) > 0:
+    metrics.update(genre_task(run, ev))
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
   write_results(workdir / "results.md", metrics, baselines, prefix, run.es, run.builder, ds,
-                run.examples, run.ecfg.num_examples)
+                run.examples, run.ecfg.num_examples, genre=run.genre_answers)
   return metrics
 
 
@@ -439,8 +516,11 @@ def results_table(metrics: dict, baselines: list[str], prefix: str) -> str:
   return "\n".join(lines)
 
 
+TEXT_ONLY = ("LLM-Only", "TALLRec")     # models whose prompts carry no soft token
+
+
 def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, ds, examples,
-                  num_examples: int):
+                  num_examples: int, genre: dict | None = None):
   parts = [f"# A-LLMRec results ({ds.name}, {int(metrics['eval/num_users'])} users, "
            f"20 candidates)", "", results_table(metrics, baselines, prefix), ""]
   diag = f"diag/{prefix}"
@@ -461,10 +541,26 @@ def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, d
     parts.append(f"## {name}: examples")
     for b in range(min(num_examples, len(es.users))):
       text = builder.prompt_text(es.history[b], es.prompt_candidates[b], ds.titles,
-                                 soft=name != "LLM-Only", user_token="[UserRep]")
+                                 soft=name not in TEXT_ONLY, user_token="[UserRep]")
       parts += [f"- user {int(es.users[b])}", f"  - prompt: `{text}`",
                 f"  - generated: `{res['texts'][b]}`",
                 f"  - target: `{ds.titles[int(es.targets[b])]}`"]
+    parts.append("")
+  if genre is not None:
+    m = genre["metrics"]
+    parts += [f"## Genre question ({int(m['genre/num_users'])} users; precision / recall of "
+              "the genre names against the held-out items' genres)", "",
+              "| answer | precision | recall | genres named |", "|---|---|---|---|"]
+    for label, key in (("A-LLMRec", "allmrec"), ("LLM-Only", "llm_only"),
+                       ("history top-3 genres", "history")):
+      parts.append(f"| {label} | {m[f'genre/{key}/precision']:.4f} | "
+                   f"{m[f'genre/{key}/recall']:.4f} | {m[f'genre/{key}/named']:.2f} |")
+    parts.append("")
+    for b in range(min(num_examples, len(genre["users"]))):
+      parts.append(f"- user {genre['users'][b]} (held-out genres: "
+                   f"{', '.join(genre['held_out'][b]) or '-'})")
+      for label in ("A-LLMRec", "LLM-Only"):
+        parts.append(f"  - {label}: `{genre['answers'][label][b]}`")
     parts.append("")
   path.write_text("\n".join(parts))
 

@@ -41,14 +41,18 @@ import numpy as np
 import optax
 
 from allmrec_jax import checkpointing
+from allmrec_jax import config_lib
 from allmrec_jax import common_types as ct
+from allmrec_jax import logging_utils
 from allmrec_jax import losses
 from allmrec_jax import metrics as metrics_lib
+from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
 from allmrec_jax.data import scenarios
 from allmrec_jax.models import aligner
 from allmrec_jax.models.text import bert
+from allmrec_jax.trainers import steps as steps_lib
 from allmrec_jax.weights import sbert as sbert_lib
 
 Array = ct.Array
@@ -59,39 +63,37 @@ LOSS_TERMS = ("rec", "match", "item_recon", "text_recon")
 
 @dataclasses.dataclass(frozen=True)
 class Stage1Config:
-  """The `config.stage1` section (+ the few outside fields stage 1 reads), frozen."""
-  latent_dim: int = 128
-  lr: float = 1e-4
-  b1: float = 0.9
-  b2: float = 0.98
-  batch_size: int = 60
-  num_epochs: int = 10
-  freeze_sbert: bool = False
-  w_rec: float = 1.0
-  w_match: float = 1.0
-  w_item_recon: float = 0.5
-  w_text_recon: float = 0.2
-  sbert_dropout: bool = True
-  max_steps: int = 0
-  checkpoint_every: int = 0
-  log_every: int = 1
-  eval_batch_size: int = 256
-  cold_fraction: float = 0.35  # config.data.cold_fraction
-  pack_texts: bool = True
-  compact_vocab: bool = True
-  text_standardize: bool = False
-  maxlen: int = 50          # config.data.maxlen (CF input length)
-  text_max_len: int = 64    # config.sbert.max_len
-  seed: int = 0             # config.seed
+  """The `config.stage1` section (+ the few outside fields stage 1 reads), frozen; built by
+  `from_config` (every field present, none unknown; defaults live in configs/base.py)."""
+  latent_dim: int
+  lr: float
+  b1: float
+  b2: float
+  batch_size: int
+  num_epochs: int
+  freeze_sbert: bool
+  w_rec: float
+  w_match: float
+  w_item_recon: float
+  w_text_recon: float
+  sbert_dropout: bool
+  max_steps: int
+  checkpoint_every: int
+  log_every: int
+  eval_batch_size: int
+  pack_texts: bool
+  compact_vocab: bool
+  text_standardize: bool
+  cold_fraction: float      # config.data.cold_fraction
+  maxlen: int               # config.data.maxlen (CF input length)
+  text_max_len: int         # config.sbert.max_len
+  seed: int                 # config.seed
 
   @classmethod
   def from_config(cls, config) -> Stage1Config:
-    s = config.stage1
-    outside = {"maxlen", "text_max_len", "seed", "cold_fraction"}
-    names = {f.name for f in dataclasses.fields(cls)} - outside
-    kw = {n: s[n] for n in names if n in s}
-    cfg = cls(maxlen=int(config.data.maxlen), text_max_len=int(config.sbert.max_len),
-              seed=int(config.seed), cold_fraction=float(config.data.cold_fraction), **kw)
+    cfg = config_lib.section(cls, config, "stage1", maxlen=int(config.data.maxlen),
+                             text_max_len=int(config.sbert.max_len), seed=int(config.seed),
+                             cold_fraction=float(config.data.cold_fraction))
     for n in ("latent_dim", "batch_size", "num_epochs", "text_max_len", "maxlen"):
       if getattr(cfg, n) <= 0:
         raise ValueError(f"config.stage1.{n} must be > 0, got {getattr(cfg, n)}")
@@ -374,9 +376,10 @@ def _ids(frozen: dict[str, Any], ids: Array) -> Array:
 
 def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
                     tx: optax.GradientTransformation, donate: bool = True,
-                    vocab: CompactVocab | None = None):
-  """Jitted `train_step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state,
-  metrics)`; gradients and updates exist for `trainable` only.
+                    vocab: CompactVocab | None = None, jit: bool = True):
+  """Jitted `train_step(state, frozen, batch, rng) -> (state, metrics)` (trainers/steps.py;
+  state = {"params": trainable, "opt_state", "step"}); gradients and updates exist for the
+  trainable tree only; the dropout key is fold_in(rng, state["step"]).
 
   With `vocab` (SBERT fine-tuned), opt_state comes from `init_opt_state(tx, trainable,
   vocab)`: the step differentiates and updates only the word-embedding rows the item texts
@@ -386,7 +389,9 @@ def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
     models = models._replace(sbert=vocab.module)
   loss_fn = functools.partial(stage1_loss, models=models, cf_model=cf_model, cfg=cfg)
 
-  def train_step(trainable, opt_state, frozen, batch, rng):
+  def train_step(state, frozen, batch, rng):
+    trainable, opt_state = state["params"], state["opt_state"]
+    rng = jax.random.fold_in(rng, state["step"])
     full = trainable
     if vocab is not None and "sbert" in trainable:
       trainable = to_compact(full, vocab)
@@ -400,9 +405,11 @@ def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
       trainable = _with(trainable, _WORD, _get(full, _WORD).at[vocab.rows].set(rows))
     out = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
     out.update({f"train/{k}": v for k, v in terms.items()})
-    return trainable, opt_state, out
+    return steps_lib.new_state(trainable, opt_state, state["step"] + 1), out
 
-  return jax.jit(train_step, donate_argnums=(0, 1) if donate else ())
+  if not jit:     # the trainer compiles it with declared shardings (steps.compile_step)
+    return train_step
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -541,20 +548,10 @@ def _json_default(x):
   return str(x)
 
 
-def _truncate_jsonl(path: pathlib.Path, last_step: int):
-  """Drops records after `last_step` (written after the checkpoint a run resumes from)."""
-  if not path.exists():
-    return
-  keep = [ln for ln in path.read_text().splitlines()
-          if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
-  path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def _load_sbert(config):
   return sbert_lib.load_sbert(config.sbert.path or None,
-                              dtype=config.sbert.get("dtype", "float32"),
-                              normalize=config.sbert.get("normalize", "auto"),
-                              matmul_dtype=config.sbert.get("matmul_dtype", "") or "")
+                              dtype=config.sbert.dtype, normalize=config.sbert.normalize,
+                              matmul_dtype=config.sbert.matmul_dtype or "")
 
 
 TEXT_STATS_FILE = "text_stats.json"
@@ -643,27 +640,32 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
     step = int(restored["extra"]["step"])
     iterator.set_state(restored["extra"]["iterator"])
     logging.info("stage1: resumed at step %d", step)
-  jsonl = sdir / "metrics.jsonl"
-  _truncate_jsonl(jsonl, step)
+  writer = logging_utils.MetricWriter(sdir)
+  writer.truncate("step", step)
+  jsonl = writer.path
 
-  train_step = make_train_step(models, cf_model, cfg, tx, vocab=vocab)
+  # Data parallel over the mesh: the trainable tree, its optimizer state and the frozen
+  # inputs replicated, every batch split over the data axes (gradients all-reduced by XLA).
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rep = sharding.replicated(mesh)
+  state = jax.device_put(steps_lib.new_state(trainable, opt_state, step), rep)
+  frozen = jax.device_put(frozen, rep)
+  train_step = steps_lib.compile_step(
+      make_train_step(models, cf_model, cfg, tx, vocab=vocab, jit=False), state, frozen)
   ckpt_every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
-  writer = SummaryWriter(str(sdir / "tb"))
   t0, seen, first_step = time.perf_counter(), 0, step
   try:
-    with open(jsonl, "a") as log_f, tqdm.tqdm(total=total_steps, initial=step,
-                                              desc="stage1", dynamic_ncols=True) as bar:
+    with tqdm.tqdm(total=total_steps, initial=step, desc="stage1", dynamic_ncols=True) as bar:
       while step < total_steps:
         batch = next(iterator)
-        batch = {k: batch[k] for k in ("seq", "pos", "neg", "mask", "packed_text")
-                 if k in batch}
-        trainable, opt_state, m = train_step(trainable, opt_state, frozen, batch,
-                                             jax.random.fold_in(dropout_rng, step))
+        batch = sharding.put_batch(mesh, {k: batch[k] for k in ("seq", "pos", "neg", "mask",
+                                                                "packed_text") if k in batch},
+                                   process_local=False)
+        state, m = train_step(state, frozen, batch, dropout_rng)
         step += 1
         if step == first_step + 1:  # exclude the compiling step from the rate
-          jax.block_until_ready(trainable)
+          jax.block_until_ready(state)
           t0 = time.perf_counter()
         else:
           seen += int(batch["mask"].sum())
@@ -671,20 +673,17 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
           m = {k: float(v) for k, v in jax.device_get(m).items()}
           m["train/epoch"] = (step - 1) // spe
           m["train/users_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
-          log_f.write(json.dumps({"step": step, **m}) + "\n")
-          log_f.flush()
-          for k, v in m.items():
-            writer.add_scalar(k, v, step)
+          writer.write({"step": step, **m}, step)
           bar.set_postfix(loss=f"{m['train/loss']:.4f}")
         bar.update(1)
         if step % ckpt_every == 0 or step == total_steps:
-          checkpointing.save(manager, step, params=trainable, opt_state=opt_state,
+          checkpointing.save(manager, step, params=state["params"],
+                             opt_state=state["opt_state"],
                              extra={"step": step, "iterator": iterator.get_state()})
   finally:
-    writer.flush()
     writer.close()
 
-  params = dict(trainable)
+  params = dict(state["params"])
   params.setdefault("sbert", sb.params)
   if stats is not None:
     params["text_stats"] = stats

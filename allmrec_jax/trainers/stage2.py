@@ -28,14 +28,17 @@ import optax
 import tqdm
 
 from allmrec_jax import common_types as ct
+from allmrec_jax import config_lib
 from allmrec_jax import logging_utils
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
+from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
+from allmrec_jax.trainers import steps as steps_lib
 
 PyTree = ct.PyTree
 
@@ -50,17 +53,22 @@ def lm_loss(proj_params: PyTree, llm_params: PyTree, item_table: jax.Array,
   (the token-mean of transformers' causal-LM loss with the prompt labels masked).
 
   Args:
-    proj_params: {"params": {"user_proj", "item_proj"}} (differentiated).
+    proj_params: {"params": {"user_proj", "item_proj"}} (differentiated), plus the LLM's
+      LoRA adapters under "lora" when stage 2 trains them (config.stage2.train_lora).
     llm_params: {"params": ...} of the frozen LLM.
     item_table: float[N+1, K] item embeddings fed to F_I.
     batch: PromptBatch arrays + "user_rep" float[B, D].
   Returns:
     (loss, {"tokens": number of target tokens}).
   """
-  embeds = soft_prompt.soft_prompt_embeds(llm, llm_params, projectors, proj_params,
-                                          item_table, batch, use_user=use_user,
-                                          use_items=use_items)
-  _, aux = llm.apply(llm_params, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+  if use_user or use_items:
+    embeds = soft_prompt.soft_prompt_embeds(llm, llm_params, projectors, proj_params,
+                                            item_table, batch, use_user=use_user,
+                                            use_items=use_items)
+  else:    # no soft token (text-only prompts, TALLRec): the token embeddings as they are
+    embeds = llm.apply(llm_params, batch["input_ids"], method=llm.embed)
+  llm_vars = lora_lib.with_adapters(llm_params, proj_params)
+  _, aux = llm.apply(llm_vars, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                      compute_logits=False)
   hidden = jnp.take_along_axis(aux["hidden"], batch["target_pos"][..., None], axis=1)
   logits = llm.apply(llm_params, hidden, method=llm.logits).astype(jnp.float32)
@@ -114,14 +122,18 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
 
 
-def train_step(state: dict, llm_params: PyTree, item_table: jax.Array,
-               batch: dict[str, jax.Array], *, llm, projectors, optimizer, use_user,
-               use_items, match_weight: float = 0.0, match_temperature: float = 0.1,
-               match_negatives: str = "prompt") -> tuple[dict, dict]:
-  """One Adam step on the projectors. state = {"params", "opt_state", "step"}.
+def train_step(state: dict, frozen: dict, batch: dict[str, jax.Array], rng: jax.Array, *,
+               llm, projectors, optimizer, use_user, use_items, match_weight: float = 0.0,
+               match_temperature: float = 0.1, match_negatives: str = "prompt"
+               ) -> tuple[dict, dict]:
+  """One Adam step on the projectors (and LoRA adapters), in the shape of every stage's
+  step (trainers/steps.py): state = {"params", "opt_state", "step"}, frozen = {"llm": the
+  LLM's variables, "items": the item table fed to F_I}; `rng` is unused (no dropout).
 
   The objective is the LM loss (reported as train/loss), plus match_weight x
   `user_match_loss` when match_weight > 0 (reported as train/match_loss)."""
+  del rng
+  llm_params, item_table = frozen["llm"], frozen["items"]
 
   def objective(params):
     loss, aux = lm_loss(params, llm_params, item_table, batch, llm=llm,
@@ -210,10 +222,16 @@ def epoch_order(num: int, seed: int, epoch: int) -> np.ndarray:
   return np.argsort(sampling.hash_u64(23, seed, epoch, np.arange(num)), kind="stable")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _user_rep(cf_model, cf_params, seq):
+  return cf_model.apply(cf_params, seq, method=cf_model.user_representation)
+
+
 def user_representations(cf_model, cf_params, seq: np.ndarray, batch: int = 1024) -> np.ndarray:
-  """float32[X, D] x_u = the frozen CF model's user representation of each sequence."""
-  fn = jax.jit(lambda p, s: cf_model.apply(p, s, method=cf_model.user_representation))
-  out = [np.asarray(fn(cf_params, seq[i:i + batch])) for i in range(0, len(seq), batch)]
+  """float32[X, D] x_u = the frozen CF model's user representation of each sequence (one
+  compiled program per model and row count, shared by every call)."""
+  out = [np.asarray(_user_rep(cf_model, cf_params, seq[i:i + batch]))
+         for i in range(0, len(seq), batch)]
   return np.concatenate(out, 0) if out else np.zeros((0, 0), np.float32)
 
 
@@ -256,17 +274,17 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
 def match_options(cfg, enabled: bool = True) -> dict[str, float]:
   """Stage2Trainer's match_weight / match_temperature from config.stage2 (0 when the
   ablation drops a soft token, e.g. the MLP-LLM or w/o-user runs keep the LM loss)."""
-  return {"match_weight": float(cfg.get("user_match_weight", 0.0)) if enabled else 0.0,
-          "match_temperature": float(cfg.get("user_match_temperature", 0.1)),
-          "match_negatives": str(cfg.get("user_match_negatives", "prompt"))}
+  return {"match_weight": float(cfg.user_match_weight) if enabled else 0.0,
+          "match_temperature": float(cfg.user_match_temperature),
+          "match_negatives": str(cfg.user_match_negatives)}
 
 
 def match_batch(cfg, enabled: bool = True) -> int:
   """Extra match-term examples per step (config.stage2.user_match_batch; 0 when the match
   term is off)."""
-  if not enabled or not float(cfg.get("user_match_weight", 0.0)):
+  if not enabled or not float(cfg.user_match_weight):
     return 0
-  return int(cfg.get("user_match_batch", 0))
+  return int(cfg.user_match_batch)
 
 
 class Stage2Trainer:
@@ -284,61 +302,55 @@ class Stage2Trainer:
     if match_weight and not (use_user and use_items):
       raise ValueError("config.stage2.user_match_weight > 0 needs both the user and the "
                        "item tokens (use_user and use_items)")
-    step = functools.partial(train_step, llm=llm, projectors=projectors,
-                             optimizer=optimizer, use_user=use_user, use_items=use_items,
-                             match_weight=float(match_weight),
-                             match_temperature=float(match_temperature),
-                             match_negatives=str(match_negatives))
-    self._step = jax.jit(step, donate_argnums=(0,))
+    self._step_fn = functools.partial(train_step, llm=llm, projectors=projectors,
+                                      optimizer=optimizer, use_user=use_user,
+                                      use_items=use_items, match_weight=float(match_weight),
+                                      match_temperature=float(match_temperature),
+                                      match_negatives=str(match_negatives))
+    self._step = None                       # compiled at the first step (steps.compile_step)
+    self.frozen = {"llm": llm_params, "items": self.item_table}
+    self._rng = jax.random.PRNGKey(0)
     self.compiled_shapes: set[tuple] = set()
     self._replicated: set[tuple] = set()
 
-  def init_state(self, proj_params: PyTree) -> dict:
+  def init_state(self, trainable: PyTree) -> dict:
+    """State of the trainable tree: projectors replicated; boxed leaves (the LLM's LoRA
+    adapters) sharded by their logical axes like the base kernels."""
     rep = sharding.replicated(self.mesh)
+    shapes = nn.unbox(trainable)
+    shardings = jax.tree.map(lambda s, a: sharding.fit_sharding(s, a.shape),
+                             sharding.logical_shardings(trainable, self.mesh, self.rules),
+                             shapes)
     # A host copy first: the step donates the state, the caller keeps its arrays.
-    params = jax.device_put(jax.tree.map(np.asarray, proj_params), rep)
-    return {"params": params, "opt_state": jax.device_put(self.optimizer.init(params), rep),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
+    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), shapes, shardings)
+    # Moments laid out like their parameters; the rest (Adam's count) replicated.
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
+        else jax.device_put(x, rep), self.optimizer.init(params))
+    return steps_lib.new_state(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), rep))
 
   def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host arrays -> the batch sharded over the mesh's data x fsdp axes; an array whose
-    rows do not divide them is replicated, with a warning (once per array and shape)."""
-    out = {}
+    """This process's rows -> the global batch over the mesh's data x fsdp axes; an array
+    whose rows do not divide them is replicated, with a warning (once per array and
+    shape)."""
+    seen = set()
+    out = sharding.put_batch(self.mesh, arrays, process_local=True, replicated_out=seen)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    for k, v in arrays.items():
-      s = sharding.batch_sharding(self.mesh, v.ndim)
-      if v.shape[0] % shards:
-        if (k, v.shape) not in self._replicated:
-          self._replicated.add((k, v.shape))
-          logging.warning("stage2: %s has %d rows, not a multiple of the mesh's %d data "
-                          "shards; replicated on every device (make config.stage2."
-                          "batch_size a multiple of %d to shard it)", k, v.shape[0], shards,
-                          shards)
-        s = sharding.replicated(self.mesh)
-      out[k] = jax.make_array_from_process_local_data(s, v) if jax.process_count() > 1 \
-          else jax.device_put(v, s)
+    for k, shape in sorted(seen - self._replicated):
+      self._replicated.add((k, shape))
+      logging.warning("stage2: %s has %d rows, not a multiple of the mesh's %d data "
+                      "shards; replicated on every device (make config.stage2."
+                      "batch_size a multiple of %d to shard it)", k, shape[0], shards,
+                      shards)
     return out
 
   def step(self, state: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
     self.compiled_shapes.add(arrays["input_ids"].shape)
     batch = self.put_batch(arrays)
     with sharding.activate(self.mesh, self.rules):
-      return self._step(state, self.llm_params, self.item_table, batch)
-
-
-def _jsonl(path: pathlib.Path, row: dict):
-  with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
-
-
-def _truncate_jsonl(path: pathlib.Path, step: int):
-  """Keeps the rows of steps <= `step` (a resumed run replays the steps after it)."""
-  if not path.exists():
-    return
-  rows = [r for r in path.read_text().splitlines() if r.strip()]
-  keep = [r for r in rows if json.loads(r)["step"] <= step]
-  if len(keep) != len(rows):
-    path.write_text("".join(r + "\n" for r in keep))
+      if self._step is None:
+        self._step = steps_lib.compile_step(self._step_fn, state, self.frozen)
+      return self._step(state, self.frozen, batch, self._rng)
 
 
 def read_curve(path: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
@@ -382,8 +394,12 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
           builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
           name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
           use_items: bool = True, users: np.ndarray | None = None,
-          restore_only: bool = False, eval_fn=None) -> PyTree:
-  """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params.
+          restore_only: bool = False, eval_fn=None, soft: bool = True) -> PyTree:
+  """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params
+  ({"params": projectors}, plus {"lora": adapters} with config.stage2.train_lora).
+
+  With soft=False the prompts are text only and the LLM's LoRA adapters are the only
+  trainable weights (the TALLRec baseline: {"lora": adapters}).
 
   With `restore_only`, a run whose checkpoint has not reached the configured number of
   steps raises instead of training (for tools that only read a finished run).
@@ -400,7 +416,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
       and the curve to `<name>/learning_curve.png`.
   """
   from allmrec_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  cfg = config.stage2
+  cfg = config_lib.Stage2Config.from_config(config)
   out_dir = pathlib.Path(workdir) / name
   out_dir.mkdir(parents=True, exist_ok=True)
   ex = training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
@@ -408,13 +424,23 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   user_rep = user_rep_fn(ex.seq)
   index = pipelines.train_exclusion_index(ds)
   llm_dim = llm.config.hidden_size
+  if not soft:
+    use_user = use_items = False
   projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
   trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
                           item_table=item_table, optimizer=make_optimizer(cfg), mesh=mesh,
                           rules=rules, use_user=use_user, use_items=use_items,
                           **match_options(cfg, use_user and use_items))
-  state = trainer.init_state(init_projectors(projectors, jax.random.PRNGKey(config.seed),
-                                             item_table.shape[1], user_rep.shape[1]))
+  if soft:
+    trainable = init_projectors(projectors, jax.random.PRNGKey(config.seed),
+                                item_table.shape[1], user_rep.shape[1])
+  else:
+    trainable = {}
+  if cfg.train_lora or not soft:
+    trainable["lora"] = lora_lib.init_adapters(llm, llm_params,
+                                               jax.random.fold_in(jax.random.PRNGKey(
+                                                   config.seed), 1))
+  state = trainer.init_state(trainable)
   manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2)
   epoch, start_batch = 0, 0
   restored = checkpointing.restore(manager, abstract={"params": state["params"],
@@ -438,17 +464,17 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   if restore_only and step < max_steps:
     raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
                      "finished run for this config (pass the run's own --config.* overrides)")
-  _truncate_jsonl(out_dir / "metrics.jsonl", step)   # drop rows past the restored step
-  tb = logging_utils.TensorBoard(out_dir / "tb")
-  eval_every = int(cfg.get("eval_every", 0) or 0) if eval_fn is not None else 0
+  writer = logging_utils.MetricWriter(out_dir)
+  writer.truncate("step", step)                     # drop rows past the restored step
+  eval_every = int(cfg.eval_every) if eval_fn is not None else 0
 
   def run_eval(at_step: int):
     t0 = time.perf_counter()
     m = {k: float(v) for k, v in eval_fn(jax.device_get(state["params"])).items()}
     m["val/seconds"] = time.perf_counter() - t0
-    _jsonl(out_dir / "metrics.jsonl", {"step": at_step, "epoch": epoch, **m})
-    tb.scalars(at_step, m)
-    plot_learning_curve(out_dir / "metrics.jsonl", out_dir / "learning_curve.png", name)
+    writer.write({"step": at_step, "epoch": epoch, **m}, at_step)
+    if writer.primary:
+      plot_learning_curve(writer.path, out_dir / "learning_curve.png", name)
     logging.info("%s step %d: %s", name, at_step, m)
 
   done_evals = {st for st, _ in read_curve(out_dir / "metrics.jsonl").get("val/hit@1", [])}
@@ -462,6 +488,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
                                      batch_size=cfg.batch_size,
                                      num_candidates=cfg.num_candidates, seed=config.seed,
                                      epoch=epoch, start_batch=start_batch, shard=shard,
+                                     soft=soft,
                                      match_batch=match_batch(cfg, use_user and use_items)):
       state, metrics = trainer.step(state, arrays)
       step += 1
@@ -474,8 +501,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
         t_last, tok_acc = time.perf_counter(), 0.0
         bar.set_postfix(loss=f"{m['train/loss']:.3f}",
                         tok_s=f"{m['train/nonpad_tokens_per_s']:.0f}")
-        _jsonl(out_dir / "metrics.jsonl", {"step": step, "epoch": epoch, **m})
-        tb.scalars(step, m)
+        writer.write({"step": step, "epoch": epoch, **m}, step)
       if eval_every and (step % eval_every == 0 or step == max_steps):
         run_eval(step)
       last = j + 1 == n_batches
@@ -491,6 +517,6 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
       continue
     break
   bar.close()
-  tb.close()
+  writer.close()
   logging.info("%s: %d steps; compiled shapes %s", name, step, sorted(trainer.compiled_shapes))
   return jax.device_get(state["params"])

@@ -271,8 +271,8 @@ def read_config(path: pathlib.Path, dtype: str = "float32", **overrides):
 
 
 def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
-             remat: bool = False,
-             matmul_dtype: str = "") -> LoadedLLM:
+             remat: bool = False, matmul_dtype: str = "", lora_rank: int = 0,
+             lora_alpha: float = 16.0, lora_targets: tuple[str, ...] = ()) -> LoadedLLM:
   """Loads decoder parameters (sharded over `mesh` when given) and the tokenizer.
 
   Args:
@@ -285,10 +285,15 @@ def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
       layers' and LM head's matmul operands rounded to bfloat16 with float32 accumulation
       (weights, norms, softmax and the residual stream stay float32); the paper runs its
       OPT-6.7B in float16.
+    lora_rank, lora_alpha, lora_targets: the shape of LoRA adapters the decoder reads when a
+      "lora" collection is passed (models/lora.py); the loaded weights are unchanged.
   """
   path = resolve_path(path_or_name)
   config, source, gguf_file = read_config(path, dtype, remat=remat,
-                                          matmul_dtype=matmul_dtype or "")
+                                          matmul_dtype=matmul_dtype or "",
+                                          lora_rank=int(lora_rank),
+                                          lora_alpha=float(lora_alpha),
+                                          lora_targets=tuple(lora_targets))
   module = llm_models.make_decoder(config)
   params = load_params(module, config, source, mesh, rules, label=str(path))
   tokenizer = _load_tokenizer(path.parent if gguf_file else path, gguf_file)

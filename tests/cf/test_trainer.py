@@ -136,10 +136,10 @@ def test_grad_splits_is_the_same_objective(pattern_dataset, name):
   out = []
   for n in (1, 4):
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    new, loss = jax.jit(lambda s, b, n=n: cf_trainer.train_step(
-        model, tx, losses.CF_LOSSES["bce"], jax.random.key(1), s, b, grad_splits=n))(
-            state, batch)
-    out.append((new["params"], float(loss)))
+    new, m = jax.jit(lambda s, b, n=n: cf_trainer.train_step(
+        s, None, b, jax.random.key(1), model=model, tx=tx, loss_fn=losses.CF_LOSSES["bce"],
+        grad_splits=n))(state, batch)
+    out.append((new["params"], float(m["train/loss"])))
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                out[1][0], out[0][0])

@@ -1,7 +1,7 @@
 """Slow: stage 1 on the real MovieLens-100K + all-MiniLM-L6-v2 (frozen SBERT, random CF).
 
 Paper defaults (10 epochs = 160 steps at lr 1e-4) leave text->item retrieval at chance on
-ML-100K (943 users; see the closing note of issue 5). With `stage1.text_standardize` and
+ML-100K (943 users; docs/results.md, "Stage 1"). With `stage1.text_standardize` and
 100 epochs (1,600 steps, ~1 min with SBERT frozen) the alignment is clearly learnt; this
 test asserts it with a wide margin, plus that every loss decreases and nothing collapses.
 """

@@ -13,6 +13,7 @@ import pytest
 from allmrec_jax.data import pipelines
 from allmrec_jax.models import cf as cf_lib
 from allmrec_jax.trainers import stage1
+from allmrec_jax.trainers import steps
 from allmrec_jax.weights import sbert as sbert_lib
 
 import conftest  # tests/stage1/conftest.py helpers  # pylint: disable=g-bad-import-order
@@ -94,7 +95,10 @@ def test_step_updates_trainable_only_and_cf_is_unchanged(setup):
   n_train = len(jax.tree.leaves(trainable))
   assert len(jax.tree.leaves(opt_state)) == 2 * n_train + 1
   step = stage1.make_train_step(s["models"], s["cf_model"], s["cfg"], tx, donate=False)
-  new, _, m = step(trainable, opt_state, s["frozen"], s["batch"], jax.random.key(0))
+  state, m = step(steps.new_state(trainable, opt_state), s["frozen"], s["batch"],
+                  jax.random.key(0))
+  new = state["params"]
+  assert int(state["step"]) == 1
   assert set(m) >= {"train/loss", "train/rec", "train/match", "train/item_recon",
                     "train/text_recon"}
   for name in ("item_ae", "text_ae"):
@@ -318,10 +322,10 @@ def test_compact_vocab_step_equals_dense_adam(setup):
     opt_state = stage1.init_opt_state(tx, trainable, v)
     step = stage1.make_train_step(s["models"], s["cf_model"], s["cfg"], tx, donate=False,
                                   vocab=v)
+    state = steps.new_state(trainable, opt_state)
     for i, b in enumerate((s["batch"], packed, s["batch"])):
-      trainable, opt_state, m = step(trainable, opt_state, s["frozen"], b,
-                                     jax.random.key(i))
-    results.append((jax.tree.map(np.asarray, trainable), float(m["train/grad_norm"])))
+      state, m = step(state, s["frozen"], b, jax.random.key(i))
+    results.append((jax.tree.map(np.asarray, state["params"]), float(m["train/grad_norm"])))
   (dense, gn_dense), (compact, gn_compact) = results
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
                compact, dense)
@@ -332,3 +336,21 @@ def test_compact_vocab_step_equals_dense_adam(setup):
   np.testing.assert_array_equal(dense["sbert"]["word"]["embedding"][unused], word0[unused])
   used = np.asarray(vocab.rows)
   assert np.any(compact["sbert"]["word"]["embedding"][used] != word0[used])
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_data_parallel_mesh_equals_one_device(setup, tiny_dataset, tmp_path):
+  """Stage 1 on an 8-way data mesh (batches split, state replicated) trains the same
+  parameters as with the batch unsplit (a (1, 1, 8) mesh: every device computes the whole
+  step), float32 reduction order aside."""
+  s = setup
+  out = {}
+  for name, shape in (("one", (1, 1, 8)), ("mesh", (8, 1, 1))):
+    config = conftest.make_config(s["config"].sbert.path, max_steps=3, batch_size=8)
+    config.mesh.shape = shape            # SBERT fine-tuned on packed texts, 8 users a step
+    stage1.train_and_evaluate(config, tmp_path / name, tiny_dataset, s["cf_model"],
+                              s["cf_params"])
+    out[name] = stage1.load_trained_stage1(config, tmp_path / name).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=2e-4, atol=2e-5),
+               out["mesh"], out["one"])

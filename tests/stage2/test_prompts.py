@@ -4,7 +4,6 @@ import copy
 import re
 import types
 
-import ml_collections
 import numpy as np
 import pytest
 import transformers
@@ -161,8 +160,9 @@ def test_prompt_builder_bos_option(tokenizer):
   an unknown value or token names the flag."""
   from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
   ds = types.SimpleNamespace(titles=TITLES, domain="movies")
-  cfg = ml_collections.ConfigDict({"max_title_tokens": 32, "len_bucket": 8, "bos": "first",
-                                   "first_token": ""})
+  from configs import base  # pylint: disable=import-outside-toplevel
+  cfg = base.get_base_config().stage2
+  cfg.len_bucket = 8
   rows = {}
   for bos in ("first", "after_user", "none"):
     cfg.bos = bos

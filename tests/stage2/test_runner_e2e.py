@@ -2,6 +2,8 @@
 Llama saved as a Hugging Face directory), then a rerun that skips the finished stages."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,19 +23,27 @@ def test_all_stages_tiny(tmp_path):
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every = 3, 2
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
-  c.eval.baselines = "cf,llm_only,mlp_llm"   # all three (configs/ml100k.py makes MLP-LLM opt-in)
+  c.eval.baselines = "cf,llm_only,mlp_llm,tallrec"   # the trained ones are opt-in elsewhere
   work = tmp_path / "run"
   metrics = runner.train_and_evaluate(c, work)
-  for stage in ("cf", "stage1", "stage2", "stage2_mlp_llm"):
+  for stage in ("cf", "stage1", "stage2", "stage2_mlp_llm", "stage2_tallrec"):
     assert (work / stage).is_dir(), stage
   saved = json.loads((work / "stage2" / "metrics.json").read_text())
   assert saved == metrics
   assert saved["eval/num_users"] == 4
   for prefix in ("test/", "baselines/cf/test/", "baselines/llm_only/test/",
-                 "baselines/mlp_llm/test/"):
-    assert 0.0 <= saved[prefix + "hit@1"] <= saved[prefix + "hit@5"] <= 1.0, prefix
-    assert saved[prefix + "mrr"] > 0
-  assert "test/gen_hit@1" in saved and "baselines/llm_only/test/gen_hit@1" in saved
+                 "baselines/mlp_llm/test/", "baselines/tallrec/test/"):
+    hit1, hit5, mrr = (saved[prefix + k] for k in ("hit@1", "hit@5", "mrr"))
+    assert hit1 * 4 == round(hit1 * 4) and hit5 * 4 == round(hit5 * 4), prefix  # 4 users
+    assert hit1 <= hit5 and hit1 <= mrr <= (1 + hit1) / 2 + 1e-9, prefix  # rr 1 or <= 1/2
+    assert mrr >= 1 / 20, prefix                                      # 20 candidates
+  for prefix in ("test/", "baselines/llm_only/test/", "baselines/tallrec/test/"):
+    assert saved[prefix + "gen_hit@1"] * 4 == round(saved[prefix + "gen_hit@1"] * 4)
+  # TALLRec trains only LoRA adapters on text-only prompts; it moved the LLM-Only ranking.
+  tallrec = json.loads((work / "stage2" / "eval" / "tallrec.json").read_text())["metrics"]
+  llm_only = json.loads((work / "stage2" / "eval" / "llm_only.json").read_text())["metrics"]
+  assert tallrec["baselines/tallrec/test/target_loss"] != llm_only[
+      "baselines/llm_only/test/target_loss"]
   lines = [json.loads(l) for l in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
   assert lines[-1]["step"] == 3 and np.isfinite(lines[-1]["train/loss"])
   results = (work / "results.md").read_text()
@@ -41,12 +51,53 @@ def test_all_stages_tiny(tmp_path):
   # A rerun restores every finished stage instead of training again.
   again = runner.train_and_evaluate(c, work)
   assert again == metrics
+  _check_recommend(work)
+
+
+def _check_recommend(work):
+  """launch/recommend.py's library path on the finished tiny run."""
+  from allmrec_jax import recommend  # pylint: disable=import-outside-toplevel
+  from configs import base  # pylint: disable=import-outside-toplevel
+  config, dropped = base.run_config(work)
+  assert dropped == []
+  rec = recommend.Recommender(config, work)
+  ans = rec.recommend(user=4, k=6, explain=True)     # user 4: no title shared by two items
+  seq = rec.ds.sequence(4)
+  got = [r.item for r in ans.items]
+  assert len(set(got)) == 6 and not set(got) & set(seq.tolist())
+  assert sorted(r.cf_rank for r in ans.items) == list(range(1, 7))
+  llm = [r.llm_score for r in ans.items]
+  assert llm == sorted(llm, reverse=True) and all(np.isfinite(llm))
+  # CF retrieval: every other unseen item scores at most the 6th retrieved one.
+  maxlen = config.data.maxlen
+  padded = np.zeros((1, maxlen), np.int32)
+  padded[0, -min(maxlen, len(seq)):] = seq[-maxlen:]
+  allc = np.arange(1, rec.ds.num_items + 1, dtype=np.int32)[None]
+  scores = np.asarray(rec.cf_model.apply(rec.cf_vars, padded, allc,
+                                         method=rec.cf_model.score))[0]
+  rest = np.setdiff1d(np.arange(1, rec.ds.num_items + 1), np.concatenate([seq, got]))
+  assert scores[rest - 1].max() <= min(r.cf_score for r in ans.items) + 1e-6
+  assert ans.history == [rec.ds.titles[i] for i in seq[-config.eval.num_history:]]
+  assert isinstance(ans.explanation, str)
+  # The same history given as titles gives the same answer.
+  by_titles = rec.recommend(history=[rec.ds.titles[i].upper() for i in seq], k=6)
+  assert [(r.item, round(r.llm_score, 4)) for r in by_titles.items] == [
+      (r.item, round(r.llm_score, 4)) for r in ans.items]
+  with pytest.raises(ValueError, match="--user=99999: unknown user"):
+    rec.recommend(user=99999)
+  with pytest.raises(ValueError, match="unknown title 'No Such Film'"):
+    rec.recommend(history=["Toy Story", "No Such Film"])
+  with pytest.raises(ValueError, match="title 'Sabrina' names 2 items"):
+    rec.recommend(history=["Toy Story", "Sabrina"])
+  with pytest.raises(ValueError, match="--top_k=0"):
+    rec.recommend(user=4, k=0)
 
 
 @pytest.mark.slow
 def test_long_config_layout_tiny(tmp_path):
   """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, short
-  training prompts, several positions per user) end to end with validation rankings,
+  training prompts, several positions per user, the catalog match term and LoRA adapters)
+  end to end with validation rankings,
   the learning curve and the soft-token diagnostics."""
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
   c = ml100k_long.get_config()
@@ -57,8 +108,16 @@ def test_long_config_layout_tiny(tmp_path):
   c.stage2.eval_users = 4
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
   c.eval.baselines = "cf"
+  c.eval.diagnostics = "user_shuffled,items_permuted"
+  c.eval.genre_users = 3
   work = tmp_path / "run"
   metrics = runner.train_and_evaluate(c, work)
+  assert metrics["genre/num_users"] == 3
+  assert {f"genre/{w}/{m}" for w in ("allmrec", "llm_only", "history")
+          for m in ("precision", "recall", "named")} <= set(metrics)
+  saved = json.loads((work / "stage2" / "eval" / "genre.json").read_text())
+  assert all(len(v) == 3 for v in saved["answers"].values())
+  assert saved["metrics"]["genre/history/named"] > 0   # the reference always names genres
   rows = [json.loads(l) for l in (work / "stage2" / "metrics.jsonl").read_text().splitlines()]
   val = [r for r in rows if "val/hit@1" in r]
   assert [r["step"] for r in val] == [0, 2, 4]
@@ -69,7 +128,7 @@ def test_long_config_layout_tiny(tmp_path):
     assert np.isfinite(metrics[f"diag/test/loss{suffix}"])
   assert metrics["diag/test/hit@1"] == metrics["test/hit@1"]
   results = (work / "results.md").read_text()
-  assert "x_u shuffled across users" in results
+  assert "x_u shuffled across users" in results and "## Genre question (3 users" in results
   assert '"[CandidateEmb]' in results and '"[UserRep]' in results
 
 
@@ -79,8 +138,9 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   c.stage2.batch_size = 0
   c.stage2.max_steps = -3
   c.llm.path = str(tmp_path / "no_such_llm")
-  c.eval.baselines = "cf,tallrec"
+  c.eval.baselines = "cf,tallrec,genre_x"
   c.stage2.user_match_weight, c.stage2.user_match_batch = 1.0, 8   # prompt negatives
+  c.stage2.train_lora, c.llm.lora_rank, c.llm.lora_targets = True, 0, "q,x"
   work = tmp_path / "run"
   with pytest.raises(ValueError) as e:
     runner.train_and_evaluate(c, work)
@@ -89,8 +149,11 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   for part in ("--config.cf.lr=-1.0 must be > 0", "--config.stage2.batch_size=0 must be > 0",
                "--config.stage2.max_steps=-3 must be >= 0",
                f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist",
-               "--config.eval.baselines: unknown baseline(s) ['tallrec']; known: ['cf', "
-               "'llm_only', 'mlp_llm', 'popularity']",
+               "--config.eval.baselines: unknown baseline(s) ['genre_x']; known: ['cf', "
+               "'llm_only', 'mlp_llm', 'popularity', 'tallrec']",
+               "--config.llm.lora_targets='q,x': unknown projection(s) ['x']",
+               "--config.stage2.train_lora=True needs --config.llm.lora_rank > 0",
+               "--config.eval.baselines=tallrec needs --config.llm.lora_rank > 0",
                "--config.stage2.user_match_batch > 0 needs "
                "--config.stage2.user_match_negatives=catalog"):
     assert part in msg, part
@@ -137,3 +200,16 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   runner.save_config(longer, work)
   hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
   assert hist[-1] == {"changed": {"cf.retired_option": [3, None]}}
+
+
+def test_recommend_refuses_an_unfinished_run(tmp_path):
+  from allmrec_jax import recommend  # pylint: disable=import-outside-toplevel
+  (tmp_path / "cf").mkdir()
+  (tmp_path / "cf" / "FINISHED").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="no finished stage1 stage"):
+    recommend.check_run(tmp_path)
+  out = subprocess.run([sys.executable, "-m", "launch.recommend", f"--workdir={tmp_path}",
+                        "--user=1"], capture_output=True, text=True, check=False)
+  assert out.returncode != 0
+  assert "no finished stage1 stage" in out.stderr
+  assert "Traceback" not in out.stderr

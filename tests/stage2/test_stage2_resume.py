@@ -1,5 +1,6 @@
 """Stage-2 training resumed from its checkpoint equals an uninterrupted run (with the
-catalog match term and its extra examples on, whose draws must follow the resume too)."""
+catalog match term and its extra examples on, whose draws must follow the resume too, and
+LoRA adapters trained with the projectors, which the checkpoint must carry)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,13 @@ def test_resume_equals_uninterrupted(tmp_path):
   c.stage2.batch_size, c.stage2.ckpt_every, c.stage2.log_every = 2, 2, 1
   c.stage2.user_match_weight, c.stage2.user_match_negatives = 0.5, "catalog"
   c.stage2.user_match_batch = 3
+  c.stage2.train_lora = True
   ds = prepare.prepare_dataset(c.data)
   gguf = assets.get_asset("smollm2-135m")
   tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
   cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_layers=1,
-                    num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+                    num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
+                    lora_rank=2, lora_targets=("q", "v"))
   llm = LlamaDecoder(cfg)
   llm_params = nn.unbox(llm.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 4), jnp.int32)))
   builder = runner.prompt_builder(ds, tok, c.stage2)
@@ -45,4 +48,5 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert len(lines) == 4 and all("train/match_loss" in l for l in lines)
   moved = jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))),
                        resumed, run(tmp_path / "c", 1))
-  assert any(jax.tree.leaves(moved))
+  assert any(jax.tree.leaves(moved["params"])) and all(jax.tree.leaves(
+      jax.tree.map(lambda x: x, moved["lora"]["layers_0"]["attn"]["v"])))

@@ -65,6 +65,9 @@ class LlamaConfig:
   matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
                                       #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False                 # rematerialise each layer (stage-2 training)
+  lora_rank: int = 0                  # LoRA adapters on the attention projections in
+  lora_alpha: float = 16.0            #   lora_targets ("q", "k", "v", "o"), used only when
+  lora_targets: tuple[str, ...] = ()  #   a "lora" collection is passed (layers/linears.py)
 
   family = "llama"
 
@@ -127,7 +130,9 @@ class LlamaBlock(nn.Module):
     h = RMSNorm(c.rms_norm_eps, name="attn_norm", **kw)(x)
     h, new_cache = attn_lib.Attention(
         c.num_heads, c.num_kv_heads, c.head_dim, qkv_bias=c.attention_bias or c.qkv_bias,
-        out_bias=c.attention_bias, name="attn", **mm)(h, mask, cos_sin, layer_cache, end)
+        out_bias=c.attention_bias, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+        lora_targets=tuple(c.lora_targets), name="attn", **mm)(h, mask, cos_sin, layer_cache,
+                                                               end)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x)
     x = x + GatedMlp(c.intermediate_size, c.hidden_act, c.mlp_bias, name="mlp", **mm)(h)

@@ -55,6 +55,9 @@ class OPTConfig:
   matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
                                       #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False
+  lora_rank: int = 0                  # LoRA adapters on the attention projections in
+  lora_alpha: float = 16.0            #   lora_targets ("q", "k", "v", "o"), used only when
+  lora_targets: tuple[str, ...] = ()  #   a "lora" collection is passed (layers/linears.py)
 
   family = "opt"
   tie_word_embeddings = True
@@ -113,7 +116,8 @@ class OPTBlock(nn.Module):
     h = attn_norm(x) if pre else x
     h, new_cache = attn_lib.Attention(
         c.num_heads, c.num_heads, c.head_dim, qkv_bias=c.enable_bias, out_bias=c.enable_bias,
-        use_rotary=False, name="attn", **mm)(h, mask, None, layer_cache, end)
+        use_rotary=False, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+        lora_targets=tuple(c.lora_targets), name="attn", **mm)(h, mask, None, layer_cache, end)
     x = x + h
     if not pre:
       x = attn_norm(x)

@@ -1,0 +1,148 @@
+"""Recommendations for one user from a finished run: the CF model retrieves, the LLM re-ranks.
+
+  rec = Recommender(config, workdir)            # config: configs.base.run_config(workdir)
+  rec.recommend(user=42, k=20)                  # a known user: their whole sequence
+  rec.recommend(history=["Star Wars (1977)", "Fargo (1996)"])   # titles of known items
+
+The CF backbone scores every item of the catalogue for the user's sequence (the items of
+the history masked) and keeps the top `k`; these become the candidates of A-LLMRec's
+recommendation prompt (in the CF order) with the user's [U] token and the items' soft
+tokens, and the LLM scores each candidate title by its log-likelihood as the answer (the
+ranking protocol of the evaluation). With `explain`, the LLM also answers the paper's genre
+question for the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from allmrec_jax import config_lib
+from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.trainers import evaluate as eval_lib
+
+REQUIRED = (("cf", "cf/FINISHED"), ("stage1", "stage1/finished.json"),
+            ("stage2", "stage2/ckpt"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+  """One re-ranked item: `llm_score` = sum of the title's token log-probabilities as the
+  answer (the ranking score), `cf_score` = the CF backbone's score, `cf_rank` (1-based)."""
+  item: int
+  title: str
+  llm_score: float
+  cf_score: float
+  cf_rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  items: list[Recommendation]       # best first
+  history: list[str]                # the titles the prompt shows (last config.eval.num_history)
+  explanation: str | None = None    # the genre answer (explain=True)
+
+
+def check_run(workdir: pathlib.Path) -> None:
+  """One-line FileNotFoundError naming the first stage a run folder lacks."""
+  for stage, mark in REQUIRED:
+    if not (workdir / mark).exists():
+      raise FileNotFoundError(f"{workdir}: no finished {stage} stage ({workdir / mark} is "
+                              f"missing); train it with launch/train.py first")
+
+
+class Recommender:
+  """A finished run loaded once (CF model, stage-1 tables, LLM, stage-2 projectors)."""
+
+  def __init__(self, config, workdir):
+    from allmrec_jax import sharding  # pylint: disable=import-outside-toplevel
+    from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
+    from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
+    from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=import-outside-toplevel
+    workdir = pathlib.Path(workdir).expanduser()
+    check_run(workdir)
+    self.config = config
+    self.ds = prepare.prepare_dataset(config.data)
+    cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, self.ds)
+    self.cf_model, self.cf_vars = cf_model, {"params": cf_params}
+    tables = runner.stage1_tables(config, workdir, self.ds, cf_model, self.cf_vars)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    rules = sharding.axis_rules(config.mesh.logical_axis_rules)
+    self.run = runner.Stage2Run(config, workdir, self.ds, cf_model=cf_model,
+                                cf_params=self.cf_vars, tables=tables, mesh=mesh, rules=rules,
+                                eval_users=False)
+    cfg = config_lib.Stage2Config.from_config(config)
+    table = runner.item_table_for(cfg.item_source, tables, config.seed,
+                                  standardize=cfg.item_standardize)
+    params = stage2_lib.train(config, workdir, self.ds, llm=self.run.loaded.module,
+                              llm_params=self.run.llm_params, builder=self.run.builder,
+                              user_rep_fn=self.run.user_representations, item_table=table,
+                              mesh=mesh, rules=rules, use_user=cfg.use_user,
+                              use_items=cfg.use_items, restore_only=True)
+    self.evaluator = self.run.evaluator(table, params, use_user=cfg.use_user,
+                                        use_items=cfg.use_items)
+    self.evaluator.batch_size = 1
+    self._title_index: dict[str, list[int]] = {}
+    for i, t in enumerate(self.ds.titles):
+      if i:
+        self._title_index.setdefault(t.strip().lower(), []).append(i)
+
+  def items_of_titles(self, titles: list[str]) -> np.ndarray:
+    """int32 ids of item titles (exact, case-insensitive); ValueError naming an unknown one."""
+    ids = []
+    for t in titles:
+      found = self._title_index.get(t.strip().lower())
+      if found is None:
+        raise ValueError(f"--history: unknown title {t!r} (titles are the dataset's, e.g. "
+                         f"{self.ds.titles[1]!r})")
+      if len(found) > 1:
+        raise ValueError(f"--history: title {t!r} names {len(found)} items ({found}); leave "
+                         "it out or use --user")
+      ids.append(found[0])
+    return np.asarray(ids, np.int32)
+
+  def sequence_of_user(self, user: int) -> np.ndarray:
+    if not 0 <= user < self.ds.num_users:
+      raise ValueError(f"--user={user}: unknown user (this dataset has users 0.."
+                       f"{self.ds.num_users - 1})")
+    return np.asarray(self.ds.sequence(user), np.int32)
+
+  def recommend(self, user: int | None = None, history: list[str] | None = None, k: int = 20,
+                explain: bool = False) -> Answer:
+    """The top-`k` CF items re-ranked by the LLM, for a known user or a list of titles."""
+    if (user is None) == (history is None):
+      raise ValueError("pass exactly one of user and history")
+    items = self.sequence_of_user(user) if user is not None else self.items_of_titles(history)
+    if len(items) == 0:
+      raise ValueError("the history is empty")
+    n_items = self.ds.num_items
+    if not 1 <= k <= n_items - len(set(items.tolist())):
+      raise ValueError(f"--top_k={k}: must be in 1..{n_items - len(set(items.tolist()))}")
+    maxlen = int(self.config.data.maxlen)
+    seq = dataset_lib.left_pad(np.zeros(1, np.int64), np.asarray([len(items)]), items, maxlen)
+    catalogue = np.arange(1, n_items + 1, dtype=np.int32)[None]
+    cf = np.asarray(eval_lib.cf_score(self.cf_model, self.cf_vars, seq, catalogue)
+                    )[0].astype(np.float64)
+    cf[items - 1] = -np.inf                                      # the history is masked
+    top = np.argsort(-cf, kind="stable")[:k]
+    cands = (top + 1).astype(np.int32)[None]
+    h = int(self.config.eval.num_history)
+    hist = seq[:, -h:]
+    es = eval_lib.EvalSet(users=np.asarray([user if user is not None else -1], np.int32),
+                          seq=seq, history=hist, candidates=cands,
+                          order=np.arange(k, dtype=np.int32)[None])
+    rep = self.run.user_representations(seq)
+    res = self.evaluator.evaluate(es, rep, generate=False, desc="recommend")
+    llm = res["scores"][0]
+    order = np.argsort(-llm, kind="stable")
+    recs = [Recommendation(item=int(cands[0, j]), title=self.ds.titles[int(cands[0, j])],
+                           llm_score=float(llm[j]), cf_score=float(cf[top[j]]),
+                           cf_rank=int(j) + 1) for j in order]
+    explanation = None
+    if explain:
+      explanation = self.evaluator.generate_texts(es, rep, task="genre", desc="explain")[0]
+    return Answer(items=recs, history=[self.ds.titles[int(i)] for i in hist[0] if i > 0],
+                  explanation=explanation)
