@@ -56,7 +56,3 @@ def with_adapters(llm_params: ct.PyTree, trainable: ct.PyTree | None) -> ct.PyTr
   if trainable is not None and "lora" in trainable:
     return {**llm_params, "lora": trainable["lora"]}
   return llm_params
-
-
-def num_adapter_params(trainable: ct.PyTree) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(trainable.get("lora", {}))))
