@@ -20,11 +20,12 @@ import pathlib
 import numpy as np
 
 from allmrec_jax import config_lib
+from allmrec_jax import generate as generate_lib
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import loop as loop_lib
 
-REQUIRED = (("cf", "cf/FINISHED"), ("stage1", "stage1/finished.json"),
-            ("stage2", "stage2/ckpt"))
+REQUIRED = ("cf", "stage1", "stage2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,11 @@ class Answer:
 
 def check_run(workdir: pathlib.Path) -> None:
   """One-line FileNotFoundError naming the first stage a run folder lacks."""
-  for stage, mark in REQUIRED:
-    if not (workdir / mark).exists():
-      raise FileNotFoundError(f"{workdir}: no finished {stage} stage ({workdir / mark} is "
-                              f"missing); train it with launch/train.py first")
+  for stage in REQUIRED:
+    if loop_lib.finished(workdir / stage) is None:
+      marker = workdir / stage / loop_lib.MARKER
+      raise FileNotFoundError(f"{workdir}: no finished {stage} stage ({marker} is missing); "
+                              "train it with launch/train.py first")
 
 
 class Recommender:
@@ -85,6 +87,8 @@ class Recommender:
     self.evaluator = self.run.evaluator(table, params, use_user=cfg.use_user,
                                         use_items=cfg.use_items)
     self.evaluator.batch_size = 1
+    self._answer_lens = None        # int[N] answer tokens per item (shape floors, per k)
+    self._floors: dict[int, tuple[int, int]] = {}
     self._title_index: dict[str, list[int]] = {}
     for i, t in enumerate(self.ds.titles):
       if i:
@@ -109,6 +113,24 @@ class Recommender:
       raise ValueError(f"--user={user}: unknown user (this dataset has users 0.."
                        f"{self.ds.num_users - 1})")
     return np.asarray(self.ds.sequence(user), np.int32)
+
+  def shape_floors(self, k: int) -> tuple[int, int]:
+    """(prompt length, packed answer length) of the longest top-`k` prompt this run can
+    build: the catalogue's longest titles as history and candidates. Every call with this
+    `k` is padded to them, so it runs the program compiled by the first."""
+    if k not in self._floors:
+      builder, soft = self.run.builder, self.evaluator.soft
+      all_items = np.arange(1, self.ds.num_items + 1, dtype=np.int32)[None]
+      if self._answer_lens is None:
+        self._answer_lens = builder.continuations(all_items, soft=soft)[1][0].sum(-1)
+      longest = all_items[0][np.argsort(-self._answer_lens, kind="stable")]
+      h = int(self.config.eval.num_history)
+      cands = longest[:k][None]
+      prompt = builder.build(longest[:h][None], cands, None, soft=soft, padding="left")
+      _, mask = builder.continuations(cands, soft=soft)
+      self._floors[k] = (int(prompt.arrays()["input_ids"].shape[1]),
+                         generate_lib.packed_length(mask, multiple=64))
+    return self._floors[k]
 
   def recommend(self, user: int | None = None, history: list[str] | None = None, k: int = 20,
                 explain: bool = False) -> Answer:
@@ -135,6 +157,7 @@ class Recommender:
                           seq=seq, history=hist, candidates=cands,
                           order=np.arange(k, dtype=np.int32)[None])
     rep = self.run.user_representations(seq)
+    self.evaluator.min_prompt_len, self.evaluator.min_packed_len = self.shape_floors(k)
     res = self.evaluator.evaluate(es, rep, generate=False, desc="recommend")
     llm = res["scores"][0]
     order = np.argsort(-llm, kind="stable")

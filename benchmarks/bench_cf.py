@@ -25,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import peaks  # pylint: disable=wrong-import-position  (this folder)
 
 from allmrec_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
@@ -181,6 +184,7 @@ def main(argv):
     out["torch_threads"] = torch.get_num_threads()
     out["speedup_vs_torch"] = out["torch_reference_epoch_s_median"] / out["epoch_s_median"]
     out["speedup_median_of_pairs"] = float(np.median(np.asarray(torch_t) / np.asarray(device_t)))
+  out["peaks"] = peaks.machine_peaks(torch_threads=out.get("torch_threads", 2))
   print(json.dumps(out))
 
 

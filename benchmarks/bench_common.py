@@ -1,8 +1,10 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/<script>.py`, which
-puts this folder on sys.path): the machine load, and running a PyTorch peer (the original
-code's computation, a script named by $ALLMREC_TORCH_PEER that prints its result as one
-JSON line). The peer is not part of this repository; without it the benchmarks report our
-side only."""
+puts this folder on sys.path): the machine load, and running the PyTorch peer
+(`torch_peer.py` in this folder: the original code's computation, which prints its result
+as one JSON line). The peer needs torch, sentence-transformers and, for the LLM
+sub-commands, `gguf` + `accelerate` (`pip install -e '.[bench]'`); where it cannot run, the
+benchmarks report our side and the peer's error.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import subprocess
 import sys
 
-PEER_ENV = "ALLMREC_TORCH_PEER"
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
 
 
 def loadavg() -> str:
@@ -24,15 +26,14 @@ def loadavg() -> str:
 
 
 def run_peer(args: list[str]) -> dict:
-  """Runs `python $ALLMREC_TORCH_PEER ARGS`; its last JSON line (+ "cmd"), or
-  {"error", "cmd"} (also when no peer is named)."""
-  peer = os.environ.get(PEER_ENV, "")
-  if not peer or not os.path.isfile(peer):
-    return {"error": f"no PyTorch peer: set {PEER_ENV} to the peer script "
-                     f"(got {peer!r})", "cmd": ""}
-  cmd = [sys.executable, peer] + list(args)
+  """Runs `python torch_peer.py ARGS` (this folder's peer, with this interpreter) and returns
+  its last JSON line plus "cmd", or {"error", "cmd"} when it fails or prints no result."""
+  cmd = [sys.executable, PEER_SCRIPT] + list(args)
+  if not os.path.isfile(PEER_SCRIPT):
+    return {"error": f"no PyTorch peer at {PEER_SCRIPT}", "cmd": " ".join(cmd)}
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
   if out.returncode or not lines:
-    return {"error": f"peer exited {out.returncode}: {out.stderr[-800:]}", "cmd": " ".join(cmd)}
+    detail = f"{lines[-1]} {out.stderr[-400:]}" if lines else out.stderr[-800:]
+    return {"error": f"peer exited {out.returncode}: {detail}", "cmd": " ".join(cmd)}
   return {**json.loads(lines[-1]), "cmd": " ".join(cmd)}

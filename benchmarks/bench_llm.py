@@ -41,7 +41,8 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_common  # pylint: disable=wrong-import-position  (this folder is sys.path[0])
+import bench_common  # pylint: disable=wrong-import-position
+import peaks  # pylint: disable=wrong-import-position  (this folder is sys.path[0])
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 4, "prompts per batch")
@@ -102,6 +103,8 @@ def main(argv):
 
   b, p, n = FLAGS.batch, FLAGS.prompt_len, FLAGS.new_tokens
   load_before = bench_common.loadavg()
+  peak = peaks.machine_peaks(torch_threads=int(FLAGS.torch_threads[0]))
+  print(json.dumps({"peaks": peak}), flush=True)
   loaded = llm_weights.load_llm(FLAGS.llm, dtype="float32")
   rng = np.random.RandomState(0)
   ids = rng.randint(100, loaded.config.vocab_size - 100, (b, p)).astype(np.int32)
@@ -129,8 +132,13 @@ def main(argv):
     return out[:, p:].numpy()
 
   results = {"device": jax.devices()[0].device_kind, "batch": b, "prompt_len": p,
-             "new_tokens": n, "runs": FLAGS.runs,
+             "new_tokens": n, "runs": FLAGS.runs, "peaks": peak,
              "ours": results_ours(ours_prefill, ours_total, b, p, n)}
+  padded = -(-p // 32) * 32                        # our prompts' bucket (counted against us)
+  ours_gflop_s = peaks.llm_forward_flops(loaded.config, b * padded, padded) / ours_prefill / 1e9
+  results["ours"]["prefill_gflop_s"] = ours_gflop_s
+  results["ours"]["prefill_fraction_of_jax_float32_peak"] = (
+      ours_gflop_s / peak["jax_float32_gflop_s"])
   for threads in FLAGS.torch_threads:
     torch.set_num_threads(int(threads))
     theirs_tokens = theirs(n)   # warm-up
@@ -142,6 +150,10 @@ def main(argv):
                     "prefill_tok_s": b * p / hf_prefill,
                     "decode_tok_s": b * (n - 1) / (hf_total - hf_prefill),
                     "same_tokens": float(np.mean(theirs_tokens == ours_tokens))}
+    if int(threads) == peak["torch_threads"] and peak["torch_float32_gflop_s"]:
+      results[key]["prefill_fraction_of_torch_float32_peak"] = (
+          peaks.llm_forward_flops(loaded.config, b * p, p) / hf_prefill / 1e9
+          / peak["torch_float32_gflop_s"])
     results[f"speedup_vs_{threads}threads"] = {
         "prefill": results["ours"]["prefill_tok_s"] / results[key]["prefill_tok_s"],
         "decode": results["ours"]["decode_tok_s"] / results[key]["decode_tok_s"]}

@@ -6,7 +6,7 @@ Loads the run (timed apart), then recommends for --users users in turn (CF retri
 the top-K over the catalogue, the LLM re-ranking with the soft prompt); the first call
 compiles. Prints one JSON line: load seconds, the first call's seconds, and the median and
 max of the later calls (the figure the product promises: <= 5 s per user on a 2-core CPU),
-with the machine's load average.
+with the machine's load average and matmul peaks (peaks.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 
 import bench_common
+import peaks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a finished run folder", required=True)
@@ -45,7 +46,8 @@ def main(argv):
                     "load_s": round(load_s, 2), "first_call_s": round(times[0], 2),
                     "per_user_s_median": round(statistics.median(times[1:]), 3),
                     "per_user_s_max": round(max(times[1:]), 3),
-                    "loadavg_before": load_before, "loadavg_after": bench_common.loadavg()}))
+                    "loadavg_before": load_before, "loadavg_after": bench_common.loadavg(),
+                    "peaks": peaks.machine_peaks()}))
 
 
 if __name__ == "__main__":

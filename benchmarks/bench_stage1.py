@@ -7,13 +7,15 @@
 Times one jitted `stage1` train step (frozen SASRec forward, SBERT forward/backward on the
 positive and negative item texts, both auto-encoders, 4 losses, Adam on the trainable tree)
 at batch 60 users, after warm-up (compilation excluded), and runs
-the PyTorch peer named by $ALLMREC_TORCH_PEER with `stage1` (the original code's computation:
+the PyTorch peer benchmarks/torch_peer.py with `stage1` (the original code's computation:
 per-step tokenisation, SBERT micro-batches of 60, an Adam step per micro-batch) in the same
 run on the same data. Prints one JSON line; the target is JAX >= 3x the peer's users/s.
 Both use a randomly initialised SASRec (speed does not depend on its weights). The JAX
 step follows configs/ml100k.py (packed texts, compact word-embedding Adam) except the SBERT
 matmul precision, float32 unless --matmul-dtype is given.
 
+The figures below were taken with an earlier, external peer script of the same
+computation (and without the peaks of peaks.py); `torch_peer.py` replaces it.
 Latest (idle, 2-core AVX512-BF16 CPU): float32 0.408 s per step =
 147 users/s vs the peer's 62.4 (2.36x); --matmul-dtype=bfloat16 0.268 s = 224 users/s vs
 60.4 (3.71x). Raw lines in results/bench_stage1.jsonl.
@@ -34,6 +36,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 import bench_common  # this folder is sys.path[0]
+import peaks
 from allmrec_jax import assets
 from allmrec_jax.data import pipelines
 from allmrec_jax.data import prepare
@@ -168,6 +171,7 @@ def main():
   sb = sbert_lib.load_sbert(None, matmul_dtype=args.matmul_dtype)
 
   result = {"bench": "stage1", "batch_size": args.batch_size, "device": str(jax.devices()[0]),
+            "peaks": peaks.machine_peaks(torch_threads=args.threads),
             "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
   result["jax_finetune"] = bench_jax(False, ds, config, sb, cf_model, cf_vars, args.warmup,
                                      args.iters)

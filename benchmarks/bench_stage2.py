@@ -6,20 +6,25 @@ Ours (SmolLM2-135M-Instruct fp32, MovieLens-100K prompts, 20 candidates, 10 hist
   * evaluation: `LLMEvaluator.evaluate` = ranking of the 20 candidates by likelihood AND
     greedy generation of exactly --new_tokens tokens (EOS ignored, the worst case), one
     prompt prefill for both, at the config's eval batch; users/s.
-The peer (the script named by $ALLMREC_TORCH_PEER): `stage2` and `generate --ignore-eos` (transformers
+The peer (benchmarks/torch_peer.py): `stage2` and `generate --ignore-eos` (transformers
 with `inputs_embeds`, per-sample prompt building, full LM head, padding to the longest)
 run as subprocesses in the same invocation, so both sides see the same machine state.
 
 FLOP accounting (what the hardware executes, padding included): a forward costs
 2 * (non-embedding weights) per token + attention (4 * L * layers * width per token); the
 training backward computes input gradients only (the LLM is frozen: no weight gradients),
-about one forward more, plus one more forward when layers are rematerialised. The peak is
-a large fp32 matmul jitted in the same process.
+about one forward more, plus one more forward when layers are rematerialised. The peaks
+(`peaks.py`: JAX float32 and bfloat16-operand matmuls and PyTorch float32 at SmolLM2's MLP
+shapes) are measured in the same process; `fraction_of_peak` is against the JAX peak of
+the run's operand dtype, the peer's (approximate: its FLOPs counted like ours, per non-pad
+token) against PyTorch's.
 
 Run (idle machine; the whole thing takes ~6 minutes; the peer needs `accelerate` to read
 the GGUF: `.venv/bin/pip install -e '.[bench]'`):
   JAX_PLATFORMS=cpu python benchmarks/bench_stage2.py
 
+The figures below were taken with an earlier, external peer script of the same
+computation (and without the peaks of peaks.py); `torch_peer.py` replaces it.
 Measured idle on a 2-core AVX512-BF16 CPU (peer: other processes 0.008 cores; log in
 benchmarks/results/bench_stage2.log), SmolLM2-135M fp32:
                          ours                        peer (PyTorch, 2 threads)   ratio  target
@@ -54,28 +59,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench_common  # pylint: disable=wrong-import-position  (this folder is sys.path[0])
-
-def matmul_peak(n: int = 2048, runs: int = 7) -> float:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  ts = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(ts)
-
-
-def forward_flops(cfg, tokens: int, seq_len: int) -> float:
-  """Matmul FLOPs of one forward over `tokens` tokens in sequences of `seq_len`."""
-  e, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-  qkvo = e * cfg.num_heads * cfg.head_dim * 2 + e * cfg.num_kv_heads * cfg.head_dim * 2
-  per_token = 2 * l * (qkvo + 3 * e * f) + 4 * l * seq_len * cfg.num_heads * cfg.head_dim
-  return per_token * tokens
-
+import peaks  # pylint: disable=wrong-import-position
 
 def setup(args):
   from configs import ml100k  # pylint: disable=import-outside-toplevel
@@ -123,13 +107,14 @@ def bench_train(args, c, ds, loaded, builder, peak):
       lens.append(int(arrays["attention_mask"].shape[1]))
   med = statistics.median(times)
   passes = 3 if args.remat else 2                # forward + input-gradient backward (+ remat)
-  flops = statistics.fmean(passes * forward_flops(loaded.config, p, l)
+  flops = statistics.fmean(passes * peaks.llm_forward_flops(loaded.config, p, l)
                            for p, l in zip(padded, lens))
   return {"step_s_median": med, "step_s_min": min(times),
           "nonpad_tokens_per_s": statistics.fmean(nonpad) / med,
           "nonpad_tokens_per_step": statistics.fmean(nonpad),
           "padded_tokens_per_step": statistics.fmean(padded),
-          "gflop_per_s": flops / med / 1e9, "fraction_of_peak": flops / med / peak,
+          "gflop_per_s": flops / med / 1e9,
+          "fraction_of_peak": peaks.fraction(flops / med / 1e9, peak, args.matmul_dtype),
           "remat": bool(args.remat), "shapes": sorted(trainer.compiled_shapes)}
 
 
@@ -192,8 +177,9 @@ def main():
   args = ap.parse_args()
   result = {"loadavg_before": bench_common.loadavg(),
             "matmul_dtype": args.matmul_dtype or "float32"}
-  peak = matmul_peak()
-  result["matmul_peak_gflop_per_s"] = peak / 1e9
+  peak = peaks.machine_peaks()
+  result["peaks"] = peak
+  print(json.dumps({"peaks": peak}), flush=True)
   c, ds, loaded, builder = setup(args)
   if not args.skip_train:
     result["ours_train"] = bench_train(args, c, ds, loaded, builder, peak)
@@ -209,6 +195,10 @@ def main():
       if "nonpad_tokens_per_s" in p:
         result["train_speedup"] = (result["ours_train"]["nonpad_tokens_per_s"]
                                    / p["nonpad_tokens_per_s"])
+        # The peer's FLOP rate on the same padded-token accounting, against torch's peak.
+        result["peer_train"]["fraction_of_torch_peak"] = (
+            result["ours_train"]["gflop_per_s"] / result["train_speedup"]
+            / peak["torch_float32_gflop_s"]) if peak["torch_float32_gflop_s"] else None
     if not args.skip_eval:
       p = run_peer("generate", ["--batch-size", "2", "--ignore-eos",
                                 "--max-new-tokens", str(args.new_tokens)])

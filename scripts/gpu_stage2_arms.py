@@ -84,6 +84,7 @@ from allmrec_jax.models import lora as lora_lib  # pylint: disable=wrong-import-
 from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
+from allmrec_jax.trainers import loop as loop_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
 from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
 from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
@@ -169,8 +170,8 @@ def load_tables(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray
 
 def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) -> bool:
   """Trains cf/ and stage1/ in `workdir` unless both are finished; True if it trained."""
-  if ((workdir / "cf" / cf_lib.FINISHED).exists()
-      and (not need_stage1 or (workdir / "stage1" / "finished.json").exists())):
+  if (loop_lib.finished(workdir / "cf") is not None
+      and (not need_stage1 or loop_lib.finished(workdir / "stage1") is not None)):
     return False
   c = config.copy_and_resolve_references()
   c.stages = "cf,stage1"

@@ -13,7 +13,7 @@ Every `eval_every` epochs: validation under the three protocols, metrics to
 `<workdir>/cf/metrics.jsonl` + TensorBoard (`<workdir>/cf/tb`), a checkpoint (latest and
 best by `select_metric`), early stopping after `patience` evaluations without improvement.
 At the end: the best checkpoint is evaluated on test -> `<workdir>/cf/metrics.json`, and
-`<workdir>/cf/FINISHED` makes a rerun return the stored result without training.
+`<workdir>/cf/FINISHED` (`loop.MARKER`) makes a rerun return the stored result without training.
 
 Evaluation (`evaluate`), whole split in fixed-size jitted chunks:
   20 stored candidates (column 0 = target): hit@1, hit@5, hit@10, mrr, ndcg@10_c20
@@ -42,15 +42,14 @@ import optax
 from allmrec_jax import checkpointing
 from allmrec_jax import config_lib
 from allmrec_jax import common_types as ct
-from allmrec_jax import logging_utils
 from allmrec_jax import losses
 from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import sharding
 from allmrec_jax.models import cf as cf_models
+from allmrec_jax.trainers import loop as loop_lib
 
 PyTree = ct.PyTree
 STAGE = "cf"
-FINISHED = "FINISHED"
 
 
 # ---------------------------------------------------------------------------- setup
@@ -356,8 +355,8 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   model = make_model(config, dataset.num_items)
   mesh, rules = _mesh(config)
 
-  if (out_dir / FINISHED).exists():
-    logging.info("cf: %s exists, loading the trained model", out_dir / FINISHED)
+  if loop_lib.finished(out_dir) is not None:
+    logging.info("cf: %s exists, loading the trained model", out_dir / loop_lib.MARKER)
     _, params = load_trained_cf(config, workdir, dataset)
     with open(out_dir / "metrics.json", encoding="utf-8") as f:
       return model, params, json.load(f)
@@ -378,7 +377,6 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   restored = checkpointing.restore(mngr, abstract={"params": state["params"],
                                                    "opt_state": state["opt_state"]},
                                    quarantine=True)
-  writer = logging_utils.MetricWriter(out_dir)
   if restored is not None:
     state = _on_mesh({"params": restored["params"], "opt_state": restored["opt_state"],
                       "step": jnp.asarray(restored["extra"]["train_step"], jnp.int32)}, mesh)
@@ -386,9 +384,6 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     best = float(restored["extra"]["best"])
     bad = int(restored["extra"]["bad"])
     logging.info("cf: resumed at epoch %d (step %d)", start_epoch, int(state["step"]))
-    writer.truncate("epoch", start_epoch)
-  else:
-    writer.reset()
 
   pipe = pipelines.cf_train_dataset(dataset, batch_size=int(cfc.batch_size), maxlen=maxlen,
                                     seed=seed, num_epochs=int(cfc.num_epochs) + 1,
@@ -410,10 +405,11 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
   ckpt_every = max(int(cfc.ckpt_every), 1)
   stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
-  bar = _progress(range(start_epoch + 1, num_epochs + 1), start_epoch, num_epochs,
-                  bool(config.cf.progress))
+  loop = loop_lib.TrainLoop(out_dir, name="cf", total=num_epochs, initial=start_epoch,
+                            ckpt_every=ckpt_every, manager=mngr, truncate_key="epoch",
+                            progress=bool(config.cf.progress), unit="epoch")
   next_batches = epoch_batches(start_epoch + 1) if start_epoch < num_epochs else None
-  for epoch in bar:
+  for epoch in range(start_epoch + 1, num_epochs + 1):
     if stopped_early:
       break
     t0 = time.perf_counter()
@@ -426,8 +422,6 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     rate = spe * int(cfc.batch_size) / max(dt, 1e-9)
     record = {"epoch": epoch, "step": int(state["step"]), "train/loss": loss,
               "train/epoch_time_s": dt, "train/seq_per_s": rate}
-    if hasattr(bar, "set_postfix"):
-      bar.set_postfix(loss=f"{loss:.4f}", seq_s=f"{rate:,.0f}")
     if not math.isfinite(loss):
       raise FloatingPointError(f"cf: training loss is {loss} at epoch {epoch} "
                                "(lower config.cf.lr?)")
@@ -448,19 +442,18 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     if evaluated or epoch % ckpt_every == 0:
       # Evaluation epochs carry the selection metric (best-checkpoint candidates); the
       # others only bound the work lost to an interruption.
-      checkpointing.save(mngr, epoch, params=state["params"], opt_state=state["opt_state"],
-                         extra={"epoch": epoch, "train_step": int(state["step"]),
-                                "best": best, "bad": bad, "stopped": stopped_early},
-                         metrics={cfc.select_metric: value} if evaluated else None)
-    writer.write(record, epoch)
+      loop.save(epoch, params=state["params"], opt_state=state["opt_state"],
+                extra={"epoch": epoch, "train_step": int(state["step"]),
+                       "best": best, "bad": bad, "stopped": stopped_early},
+                metrics={cfc.select_metric: value} if evaluated else None)
+    loop.advance()
+    loop.log(epoch, record, postfix={"loss": f"{loss:.4f}", "seq_s": f"{rate:,.0f}"})
     if stop_after_epoch is not None and epoch >= stop_after_epoch:
-      writer.close()
+      loop.close()
       return model, state["params"], record
     if stopped_early:
       logging.info("cf: early stop at epoch %d", epoch)
       break
-  if hasattr(bar, "close"):
-    bar.close()
 
   # Final: the best checkpoint on validation and test.
   best_step = mngr.best_step()
@@ -475,24 +468,14 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   final["test/eval_time_s"] = time.perf_counter() - t1
   final["model"] = str(cfc.model)
   final["seed"] = seed
-  writer.scalars(num_epochs + 1, final)
-  writer.close()
+  loop.writer.scalars(num_epochs + 1, final)
+  loop.close()
   with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
     json.dump(final, f, indent=2, sort_keys=True)
-  (out_dir / FINISHED).write_text(json.dumps({"best_epoch": final["best_epoch"]}) + "\n")
+  loop_lib.mark_finished(out_dir, {"best_epoch": final["best_epoch"]})
   logging.info("cf test: %s", {k: round(v, 4) for k, v in final.items()
                                if k.startswith("test/") and isinstance(v, float)})
   return model, params, final
-
-
-def _progress(it, start, total, enabled: bool):
-  if not enabled:
-    return it
-  try:
-    from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return it
-  return tqdm.tqdm(it, initial=start, total=total, desc="cf", unit="epoch", leave=False)
 
 
 def load_trained_cf(config, workdir, dataset=None) -> tuple[nn.Module, PyTree]:

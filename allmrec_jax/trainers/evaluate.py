@@ -74,11 +74,20 @@ def make_eval_set(ds: dataset_lib.RecDataset, split: str, *, maxlen: int, num_hi
     keys = sampling.hash_u64(31, seed, all_users)
     all_users = np.sort(all_users[np.argsort(keys, kind="stable")[:max_users]])
   seq = ds.history_matrix(split, maxlen)[all_users]
-  cands = ds.candidates(split)[all_users]
-  order = np.argsort(sampling.hash_u64(32, seed, all_users[:, None],
-                                       np.arange(cands.shape[1])[None, :]), axis=1,
+  return eval_set(all_users, seq, seq[:, -num_history:], ds.candidates(split)[all_users],
+                  seed)
+
+
+def eval_set(users: np.ndarray, seq: np.ndarray, history: np.ndarray,
+             candidates: np.ndarray, seed: int) -> EvalSet:
+  """An EvalSet of these rows (candidates: column 0 = target), shown in a seeded prompt
+  order keyed by user id."""
+  users = np.asarray(users, np.int32)
+  order = np.argsort(sampling.hash_u64(32, seed, users[:, None],
+                                       np.arange(candidates.shape[1])[None, :]), axis=1,
                      kind="stable").astype(np.int32)
-  return EvalSet(all_users.astype(np.int32), seq, seq[:, -num_history:], cands, order)
+  return EvalSet(users, np.asarray(seq, np.int32), np.asarray(history, np.int32),
+                 np.asarray(candidates, np.int32), order)
 
 
 def cf_scores(cf_model, cf_params, es: EvalSet, batch: int = 1024) -> np.ndarray:
@@ -131,6 +140,11 @@ class LLMEvaluator:
     self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_token_id,)
     self.proj_params = proj_params
     self.permute_items_seed: int | None = None   # diagnostics: item tokens shuffled
+    # Shape floors (0 = none): prompts padded to at least `min_prompt_len` tokens and the
+    # packed candidate answers to at least `min_packed_len`, so that a caller whose inputs
+    # vary (recommend) runs one compiled program.
+    self.min_prompt_len = 0
+    self.min_packed_len = 0
     self.item_table = None if item_table is None else jnp.asarray(item_table, jnp.float32)
     use_user, use_items = use_user and soft, use_items and soft
 
@@ -166,7 +180,7 @@ class LLMEvaluator:
   def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str) -> dict:
     cands = es.prompt_candidates if task == "recommend" else None
     pb = self.builder.build(es.history, cands, None, soft=self.soft, padding="left",
-                            task=task).arrays()
+                            task=task, min_len=self.min_prompt_len).arrays()
     pb["user_rep"] = (np.zeros((len(es.users), 1), np.float32) if user_rep is None
                       else user_rep.astype(np.float32))
     if self.permute_items_seed is not None:
@@ -198,7 +212,8 @@ class LLMEvaluator:
                 jnp.asarray(cont_ids), jnp.asarray(cont_mask))
         # The 20 answers run back to back (no padding between them) in one pass of this
         # many tokens; a multiple of 64 so that a run compiles few programs.
-        packed = generate_lib.packed_length(cont_mask, multiple=64)
+        packed = max(generate_lib.packed_length(cont_mask, multiple=64),
+                     self.min_packed_len)
         if generate:   # one prompt prefill serves both protocols
           s, cnt, out = self._rank_generate(*args, *self._gen_options, packed_len=packed)
           texts.extend(self._decode(out)[:n])

@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from allmrec_jax import config_lib
+from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import sharding
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
 
 
@@ -107,12 +109,13 @@ def validate_config(config) -> None:
 _STAGE_INPUTS = {
     "cf": ("seed", "data.", "cf."),
     "stage1": ("sbert.", "stage1."),
-    "stage2": ("llm.", "stage2.", "eval."),
+    "stage2": ("llm.", "stage2."),
+    "eval": ("eval.",),
 }
 # Fields that never change a result: what runs, where assets live, the mesh, logging.
 _NEUTRAL = ("stages", "asset_cache_dir", "data.asset_cache_dir", "mesh.", "cf.progress",
             "cf.ckpt_every", "stage1.checkpoint_every", "stage1.log_every", "stage2.log_every",
-            "stage2.ckpt_every")
+            "stage2.ckpt_every", "stage2.eval_every", "stage2.eval_users")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -126,11 +129,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def finished_stages(workdir: pathlib.Path) -> list[str]:
-  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
-  marks = {"cf": workdir / "cf" / cf_lib.FINISHED,
-           "stage1": workdir / "stage1" / "finished.json",
-           "stage2": workdir / "stage2" / "metrics.json"}
-  return [s for s, m in marks.items() if m.exists()]
+  """The stages whose training finished in `workdir` (their FINISHED marker), and "eval"
+  once stage 2's evaluation wrote stage2/metrics.json."""
+  done = [s for s in ("cf", "stage1", "stage2") if loop_lib.finished(workdir / s) is not None]
+  if (workdir / "stage2" / "metrics.json").exists():
+    done.append("eval")
+  return done
 
 
 def config_changes(config, workdir: pathlib.Path) -> dict[str, tuple]:
@@ -151,7 +155,7 @@ def config_changes(config, workdir: pathlib.Path) -> dict[str, tuple]:
   finished = finished_stages(workdir)
   inputs: tuple[str, ...] = ()
   blocked = []
-  for stage in ("cf", "stage1", "stage2"):
+  for stage in _STAGE_INPUTS:
     inputs += _STAGE_INPUTS[stage]
     if stage in finished:
       blocked = [k for k in changed if (k == "seed" or k.startswith(inputs))
@@ -247,6 +251,16 @@ def item_table_for(source: str, tables: dict[str, np.ndarray], seed: int,
   return standardize_items(table) if standardize else table
 
 
+def load_llm(config, mesh=None, rules=None):
+  """The configured LLM (`weights.llm.LoadedLLM`), sharded over `mesh`."""
+  from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+  return llm_weights.load_llm(
+      config.llm.path or None, dtype=config.llm.dtype, mesh=mesh, rules=rules,
+      remat=config.llm.remat, matmul_dtype=config.llm.matmul_dtype or "",
+      lora_rank=config.llm.lora_rank, lora_alpha=config.llm.lora_alpha,
+      lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
+
+
 class Stage2Run:
   """What the stage-2 trainings and evaluations of one run share: the frozen LLM, the prompt
   builder, the test users with their x_u, and `eval/<key>.json`, which keeps each finished
@@ -254,17 +268,12 @@ class Stage2Run:
 
   def __init__(self, config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
                tables: dict[str, np.ndarray], mesh=None, rules=None,
-               eval_users: bool = True):
-    from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
+               eval_users: bool = True, loaded=None):
     self.config, self.workdir, self.ds = config, workdir, ds
     self.cfg, self.ecfg = config_lib.Stage2Config.from_config(config), config.eval
     self.cf_model, self.cf_params, self.tables = cf_model, cf_params, tables
     self.mesh, self.rules = mesh, rules
-    self.loaded = llm_weights.load_llm(
-        config.llm.path or None, dtype=config.llm.dtype, mesh=mesh, rules=rules,
-        remat=config.llm.remat, matmul_dtype=config.llm.matmul_dtype or "",
-        lora_rank=config.llm.lora_rank, lora_alpha=config.llm.lora_alpha,
-        lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
+    self.loaded = loaded if loaded is not None else load_llm(config, mesh, rules)
     self.llm_params = {"params": self.loaded.params}
     self.builder = prompt_builder(ds, self.loaded.tokenizer, self.cfg)
     self.es = self.user_rep = None        # eval_users=False: no evaluation set (recommend)
@@ -323,9 +332,11 @@ class Stage2Run:
     return run
 
   def train_variant(self, name: str, source: str, use_user: bool = True,
-                    use_items: bool = True, soft: bool = True):
+                    use_items: bool = True, soft: bool = True,
+                    users: np.ndarray | None = None):
     """Trains (or restores) projectors in stage2-like folder `name` on item table `source`
-    (soft=False: LoRA adapters on text-only prompts); returns (params, table)."""
+    (soft=False: LoRA adapters on text-only prompts; `users`: only these users' examples,
+    the few-shot scenario); returns (params, table)."""
     table = item_table_for(source, self.tables, self.config.seed,
                            standardize=self.cfg.item_standardize)
     params = stage2_lib.train(self.config, self.workdir, self.ds, llm=self.loaded.module,
@@ -333,13 +344,15 @@ class Stage2Run:
                               user_rep_fn=self.user_representations, item_table=table,
                               name=name, mesh=self.mesh, rules=self.rules,
                               use_user=use_user, use_items=use_items, soft=soft,
-                              eval_fn=self.validation_fn(table, use_user, use_items, soft))
+                              users=users, eval_fn=self.validation_fn(table, use_user, use_items, soft))
     return params, table
 
   def evaluated(self, key: str, label: str, run, prepare=lambda: None) -> dict[str, float]:
     """Runs one model's evaluation once; its metrics and texts are kept in eval/<key>.json.
     `prepare()` (e.g. training the baseline) runs first, outside `eval/<key>/seconds`;
-    `run(prepared)` returns (evaluation result, metrics)."""
+    `run(prepared)` returns (evaluation result, metrics). Besides the metrics, the file keeps
+    each user's rank of the target (0 = first; ranking protocol) and generation hit, so that
+    subsets (cold / warm targets) can be scored later without another pass."""
     path = self.eval_dir / f"{key}.json"
     if path.exists():
       saved = json.loads(path.read_text())
@@ -348,7 +361,11 @@ class Stage2Run:
       t0 = time.perf_counter()
       res, m = run(prepared)
       m = {**m, f"eval/{key}/seconds": time.perf_counter() - t0}
-      saved = {"metrics": m, "texts": res.get("texts", [])}
+      saved = {"metrics": m, "texts": res.get("texts", []), "users": self.es.users.tolist()}
+      if "scores" in res:
+        saved["rank"] = metrics_lib.rank_of_target(res["scores"]).tolist()
+      if "gen_hit" in res:
+        saved["gen_hit"] = np.asarray(res["gen_hit"]).tolist()
       self.eval_dir.mkdir(parents=True, exist_ok=True)
       path.write_text(json.dumps(saved))
     if saved["texts"]:
@@ -388,29 +405,64 @@ def _llm_only_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
   return run.evaluated("llm_only", "LLM-Only", evaluate)
 
 
-@register_baseline("mlp_llm", "MLP-LLM")
-def _mlp_llm_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
-  """Stage 2 trained again with F_I fed the CF item embeddings (no stage 1)."""
+def evaluate_variant(run: Stage2Run, prefix: str = "", *, key: str, label: str, folder: str,
+                     source: str | None = None, use_user: bool = True,
+                     use_items: bool = True, soft: bool = True,
+                     users: np.ndarray | None = None) -> dict[str, float]:
+  """Stage 2 trained (or restored) in `folder` with item table `source` (None: the
+  configured one), an input left out, text-only prompts (soft=False: LoRA adapters only,
+  TALLRec) or `users` only; evaluated on the run's users like A-LLMRec and kept as
+  eval/<key>.json."""
   def evaluate(trained):
     params, table = trained
-    r = run.evaluator(table, params).evaluate(run.es, run.user_rep, desc="eval MLP-LLM")
+    ev = (run.evaluator(table, params, use_user=use_user, use_items=use_items) if soft
+          else run.evaluator(proj_params=params, soft=False))
+    r = ev.evaluate(run.es, run.user_rep if soft else None, desc=f"eval {label}")
     return r, eval_lib.llm_metrics(r, prefix)
-  return run.evaluated("mlp_llm", "MLP-LLM", evaluate,
-                       prepare=lambda: run.train_variant("stage2_mlp_llm", "cf"))
+  return run.evaluated(key, label, evaluate, prepare=lambda: run.train_variant(
+      folder, source or run.cfg.item_source, use_user, use_items, soft=soft, users=users))
 
 
-@register_baseline("tallrec", "TALLRec")
-def _tallrec_baseline(run: Stage2Run, prefix: str) -> dict[str, float]:
-  """LoRA adapters (config.llm.lora_*) trained on the text-only prompts of LLM-Only with
-  stage 2's budget and optimizer (TALLRec: Bao et al. 2023, rank 8 on q and v)."""
-  def evaluate(trained):
-    params, _ = trained
-    r = run.evaluator(proj_params=params, soft=False).evaluate(run.es, None,
-                                                               desc="eval TALLRec")
-    return r, eval_lib.llm_metrics(r, prefix)
-  return run.evaluated("tallrec", "TALLRec", evaluate,
-                       prepare=lambda: run.train_variant("stage2_tallrec",
-                                                         run.cfg.item_source, soft=False))
+def evaluate_allmrec(run: Stage2Run, prefix: str) -> tuple[dict[str, float],
+                                                          eval_lib.LLMEvaluator]:
+  """A-LLMRec (the configured stage 2, trained or restored in stage2/) on the run's users:
+  (metrics under `prefix`, its evaluator)."""
+  cfg = run.cfg
+  params, table = run.train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
+  ev = run.evaluator(table, params, use_user=cfg.use_user, use_items=cfg.use_items)
+
+  def evaluate(_):
+    res = ev.evaluate(run.es, run.user_rep, desc="eval A-LLMRec")
+    return res, eval_lib.llm_metrics(res, prefix)
+  return run.evaluated("allmrec", "A-LLMRec", evaluate), ev
+
+
+def _variant_baseline(key: str, label: str, folder: str, source: str | None = None, *,
+                      use_user: bool = True, use_items: bool = True, soft: bool = True,
+                      doc: str = ""):
+  """Registers a stage-2 variant (`evaluate_variant`) as baseline `key`."""
+  def fn(run: Stage2Run, prefix: str) -> dict[str, float]:
+    return evaluate_variant(run, prefix, key=key, label=label, folder=folder, source=source,
+                            use_user=use_user, use_items=use_items, soft=soft)
+  fn.__doc__ = doc
+  register_baseline(key, label)(fn)
+
+
+_variant_baseline("mlp_llm", "MLP-LLM", "stage2_mlp_llm", "cf",
+                  doc="Stage 2 trained again with F_I fed the CF item embeddings (no stage 1).")
+_variant_baseline("tallrec", "TALLRec", "stage2_tallrec", soft=False,
+                  doc="LoRA adapters (config.llm.lora_*) trained on the text-only prompts of "
+                      "LLM-Only with stage 2's budget and optimizer (TALLRec: Bao et al. "
+                      "2023, rank 8 on q and v).")
+_variant_baseline("sbert", "A-LLMRec (SBERT)", "stage2_sbert", "text",
+                  doc="Stage 2 on the text-path joint embeddings f_T^enc(SBERT(text)).")
+_variant_baseline("no_user", "A-LLMRec w/o user representation", "stage2_no_user",
+                  use_user=False, doc="Stage-2 ablation: no user token.")
+_variant_baseline("no_items", "A-LLMRec w/o joint embedding", "stage2_no_items",
+                  use_items=False, doc="Stage-2 ablation: no item soft tokens.")
+_variant_baseline("random_items", "A-LLMRec with random joint embedding",
+                  "stage2_random_items", "random",
+                  doc="Stage-2 ablation: a fixed random table instead of the joint one.")
 
 
 def genre_task(run: Stage2Run, ev: eval_lib.LLMEvaluator) -> dict[str, float]:
@@ -466,17 +518,11 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   baselines = baselines_of(config)
   run = Stage2Run(config, workdir, ds, cf_model=cf_model, cf_params=cf_params, tables=tables,
                   mesh=mesh, rules=rules)
-  cfg, prefix = run.cfg, run.prefix
+  prefix = run.prefix
   metrics: dict[str, float] = {"eval/num_users": float(len(run.es.users))}
 
-  # A-LLMRec.
-  params, table = run.train_variant("stage2", cfg.item_source, cfg.use_user, cfg.use_items)
-  ev = run.evaluator(table, params, use_user=cfg.use_user, use_items=cfg.use_items)
-
-  def evaluate_allmrec(_):
-    res = ev.evaluate(run.es, run.user_rep, desc="eval A-LLMRec")
-    return res, eval_lib.llm_metrics(res, prefix)
-  metrics.update(run.evaluated("allmrec", "A-LLMRec", evaluate_allmrec))
+  allmrec, ev = evaluate_allmrec(run, prefix)
+  metrics.update(allmrec)
   metrics["eval/users_per_s"] = len(run.es.users) / metrics["eval/allmrec/seconds"]
 
   diagnostics = tuple(d.strip() for d in str(run.ecfg.diagnostics).split(",")
@@ -574,24 +620,36 @@ def stage1_tables(config, workdir: pathlib.Path, ds, cf_model, cf_params) -> dic
   tables = {"cf": cf_table,
             "joint": np.asarray(stage1_lib.joint_item_embeddings(
                 s1.models, s1.params, source="cf", item_table=cf_table), np.float32)}
-  if config.stage2.item_source == "text":
-    ids, mask = stage1_lib.item_text_table(ds, s1.tokenizer, config.sbert.max_len)
-    tables["text"] = np.asarray(stage1_lib.joint_item_embeddings(
-        s1.models, s1.params, source="text", text_ids=ids, text_mask=mask), np.float32)
+  tables["text"] = text_item_table(s1, config, ds)
   return tables
+
+
+def text_item_table(s1, config, ds) -> np.ndarray:
+  """float32[N+1, latent] f_T^enc(SBERT(item text)) of `ds`'s items under a trained stage 1
+  (`stage1.load_trained_stage1`): the joint embedding of items the CF model never saw."""
+  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
+  ids, mask = stage1_lib.item_text_table(ds, s1.tokenizer, config.sbert.max_len)
+  return np.asarray(stage1_lib.joint_item_embeddings(
+      s1.models, s1.params, source="text", text_ids=ids, text_mask=mask), np.float32)
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
   """Runs `config.stages` in order on `config.data`; returns the last stage's metrics."""
   from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
   workdir = pathlib.Path(workdir).expanduser()
   validate_config(config)
   stages = _stages(config)
   save_config(config, workdir)
   ds = prepare.prepare_dataset(config.data)
   logging.info("dataset %s: %s", ds.name, ds.statistics())
+  return run_stages(config, workdir, ds, stages)
+
+
+def run_stages(config, workdir: pathlib.Path, ds, stages: list[str]) -> dict:
+  """Runs `stages` (of cf, stage1, stage2) on dataset `ds` in `workdir`; returns the last
+  stage's metrics (a finished stage is restored, not rerun)."""
+  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage1 as stage1_lib  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rules = sharding.axis_rules(config.mesh.logical_axis_rules)
   out: dict = {}

@@ -21,7 +21,7 @@ items are computed once instead.
 
 Outputs under `<workdir>/stage1/`: metrics.jsonl (per step), tb/ (TensorBoard), ckpt/
 (orbax: trainable params, optimizer state, step, data-iterator state), metrics.json
-(alignment metrics), finished.json and, with text_standardize, text_stats.json.
+(alignment metrics), FINISHED and, with text_standardize, text_stats.json.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import optax
 from allmrec_jax import checkpointing
 from allmrec_jax import config_lib
 from allmrec_jax import common_types as ct
-from allmrec_jax import logging_utils
 from allmrec_jax import losses
 from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import sharding
@@ -52,6 +51,7 @@ from allmrec_jax.data import pipelines
 from allmrec_jax.data import scenarios
 from allmrec_jax.models import aligner
 from allmrec_jax.models.text import bert
+from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import steps as steps_lib
 from allmrec_jax.weights import sbert as sbert_lib
 
@@ -576,7 +576,7 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
                        cf_params) -> dict[str, float]:
   """Trains stage 1 (resuming from `<workdir>/stage1/ckpt`), writes and returns metrics.
 
-  A finished run (finished.json with at least the requested number of steps) is not
+  A finished run (FINISHED with at least the requested number of steps) is not
   retrained: its metrics.json is returned.
   """
   cfg = Stage1Config.from_config(config)
@@ -601,13 +601,12 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   if cfg.max_steps > 0:
     total_steps = min(total_steps, cfg.max_steps)
 
-  finished_file = sdir / "finished.json"
   metrics_file = sdir / "metrics.json"
-  if finished_file.exists() and metrics_file.exists():
-    done = json.loads(finished_file.read_text())
-    if int(done.get("steps", -1)) >= total_steps:
-      logging.info("stage1: finished run found in %s, skipping training", sdir)
-      return json.loads(metrics_file.read_text())
+  done = loop_lib.finished(sdir)
+  if (done is not None and metrics_file.exists()
+      and int(done.get("steps", -1)) >= total_steps):
+    logging.info("stage1: finished run found in %s, skipping training", sdir)
+    return json.loads(metrics_file.read_text())
 
   rng = jax.random.key(cfg.seed)
   init_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, 1))
@@ -640,9 +639,6 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
     step = int(restored["extra"]["step"])
     iterator.set_state(restored["extra"]["iterator"])
     logging.info("stage1: resumed at step %d", step)
-  writer = logging_utils.MetricWriter(sdir)
-  writer.truncate("step", step)
-  jsonl = writer.path
 
   # Data parallel over the mesh: the trainable tree, its optimizer state and the frozen
   # inputs replicated, every batch split over the data axes (gradients all-reduced by XLA).
@@ -652,36 +648,35 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   frozen = jax.device_put(frozen, rep)
   train_step = steps_lib.compile_step(
       make_train_step(models, cf_model, cfg, tx, vocab=vocab, jit=False), state, frozen)
-  ckpt_every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe
-  import tqdm  # pylint: disable=g-import-not-at-top
+  loop = loop_lib.TrainLoop(sdir, name="stage1", total=total_steps, initial=step,
+                            ckpt_every=cfg.checkpoint_every if cfg.checkpoint_every > 0
+                            else spe, manager=manager, log_every=cfg.log_every)
+  jsonl = loop.path
   t0, seen, first_step = time.perf_counter(), 0, step
   try:
-    with tqdm.tqdm(total=total_steps, initial=step, desc="stage1", dynamic_ncols=True) as bar:
-      while step < total_steps:
-        batch = next(iterator)
-        batch = sharding.put_batch(mesh, {k: batch[k] for k in ("seq", "pos", "neg", "mask",
-                                                                "packed_text") if k in batch},
-                                   process_local=False)
-        state, m = train_step(state, frozen, batch, dropout_rng)
-        step += 1
-        if step == first_step + 1:  # exclude the compiling step from the rate
-          jax.block_until_ready(state)
-          t0 = time.perf_counter()
-        else:
-          seen += int(batch["mask"].sum())
-        if step % cfg.log_every == 0 or step == total_steps:
-          m = {k: float(v) for k, v in jax.device_get(m).items()}
-          m["train/epoch"] = (step - 1) // spe
-          m["train/users_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
-          writer.write({"step": step, **m}, step)
-          bar.set_postfix(loss=f"{m['train/loss']:.4f}")
-        bar.update(1)
-        if step % ckpt_every == 0 or step == total_steps:
-          checkpointing.save(manager, step, params=state["params"],
-                             opt_state=state["opt_state"],
-                             extra={"step": step, "iterator": iterator.get_state()})
+    while step < total_steps:
+      batch = next(iterator)
+      batch = sharding.put_batch(mesh, {k: batch[k] for k in ("seq", "pos", "neg", "mask",
+                                                              "packed_text") if k in batch},
+                                 process_local=False)
+      state, m = train_step(state, frozen, batch, dropout_rng)
+      step += 1
+      if step == first_step + 1:  # exclude the compiling step from the rate
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+      else:
+        seen += int(batch["mask"].sum())
+      if loop.log_due(step):
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        m["train/epoch"] = (step - 1) // spe
+        m["train/users_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        loop.log(step, {"step": step, **m}, postfix={"loss": f"{m['train/loss']:.4f}"})
+      loop.advance()
+      if loop.ckpt_due(step):
+        loop.save(step, params=state["params"], opt_state=state["opt_state"],
+                  extra={"step": step, "iterator": iterator.get_state()})
   finally:
-    writer.close()
+    loop.close()
 
   params = dict(state["params"])
   params.setdefault("sbert", sb.params)
@@ -699,7 +694,7 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
           results[f"final/{k}"] = lines[-1][k]
           results[f"first/{k}"] = lines[0][k]
   metrics_file.write_text(json.dumps(results, indent=2, default=_json_default))
-  finished_file.write_text(json.dumps({"steps": step}))
+  loop_lib.mark_finished(sdir, {"steps": step})
   logging.info("stage1: %s", results)
   return results
 

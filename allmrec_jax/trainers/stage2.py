@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from allmrec_jax import common_types as ct
 from allmrec_jax import config_lib
-from allmrec_jax import logging_utils
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
@@ -38,6 +36,7 @@ from allmrec_jax.data import sampling
 from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
+from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import steps as steps_lib
 
 PyTree = ct.PyTree
@@ -464,24 +463,24 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   if restore_only and step < max_steps:
     raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
                      "finished run for this config (pass the run's own --config.* overrides)")
-  writer = logging_utils.MetricWriter(out_dir)
-  writer.truncate("step", step)                     # drop rows past the restored step
+  loop = loop_lib.TrainLoop(out_dir, name=name, total=max_steps, initial=step,
+                            ckpt_every=cfg.ckpt_every, manager=manager,
+                            log_every=cfg.log_every)
   eval_every = int(cfg.eval_every) if eval_fn is not None else 0
 
   def run_eval(at_step: int):
     t0 = time.perf_counter()
     m = {k: float(v) for k, v in eval_fn(jax.device_get(state["params"])).items()}
     m["val/seconds"] = time.perf_counter() - t0
-    writer.write({"step": at_step, "epoch": epoch, **m}, at_step)
-    if writer.primary:
-      plot_learning_curve(writer.path, out_dir / "learning_curve.png", name)
+    loop.log(at_step, {"step": at_step, "epoch": epoch, **m})
+    if loop.writer.primary:
+      plot_learning_curve(loop.path, out_dir / "learning_curve.png", name)
     logging.info("%s step %d: %s", name, at_step, m)
 
   done_evals = {st for st, _ in read_curve(out_dir / "metrics.jsonl").get("val/hit@1", [])}
   if eval_every and step == 0 and 0 not in done_evals:
     run_eval(0)
-  bar = tqdm.tqdm(total=max_steps, initial=step, desc=name, dynamic_ncols=True)
-  t_last, tok_acc = time.perf_counter(), 0.0
+  t_last, tok_acc, steps_acc = time.perf_counter(), 0.0, 0
   shard = (jax.process_index(), jax.process_count())
   while step < max_steps and epoch < cfg.num_epochs:
     for j, arrays in iterate_batches(ex, user_rep, builder, ds, index,
@@ -493,30 +492,32 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
       state, metrics = trainer.step(state, arrays)
       step += 1
       tok_acc += float(arrays["attention_mask"].sum())
-      bar.update(1)
-      if step % cfg.log_every == 0 or step == max_steps:
+      steps_acc += 1
+      loop.advance()
+      if loop.log_due(step):
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t_last
         m["train/nonpad_tokens_per_s"] = tok_acc / max(dt, 1e-9)
-        t_last, tok_acc = time.perf_counter(), 0.0
-        bar.set_postfix(loss=f"{m['train/loss']:.3f}",
-                        tok_s=f"{m['train/nonpad_tokens_per_s']:.0f}")
-        writer.write({"step": step, "epoch": epoch, **m}, step)
+        m["train/seconds_per_step"] = dt / steps_acc   # the first window includes compiling
+        t_last, tok_acc, steps_acc = time.perf_counter(), 0.0, 0
+        loop.log(step, {"step": step, "epoch": epoch, **m},
+                 postfix={"loss": f"{m['train/loss']:.3f}",
+                          "tok_s": f"{m['train/nonpad_tokens_per_s']:.0f}"})
       if eval_every and (step % eval_every == 0 or step == max_steps):
         run_eval(step)
       last = j + 1 == n_batches
-      if step % cfg.ckpt_every == 0 or last or step == max_steps:
+      if loop.ckpt_due(step, force=last):
         nxt_epoch, nxt_batch = (epoch + 1, 0) if last else (epoch, j + 1)
-        checkpointing.save(manager, step, params=state["params"],
-                           opt_state=state["opt_state"],
-                           extra={"epoch": nxt_epoch, "next_batch": nxt_batch})
+        loop.save(step, params=state["params"], opt_state=state["opt_state"],
+                  extra={"epoch": nxt_epoch, "next_batch": nxt_batch})
       if step >= max_steps:
         break
     else:
       epoch, start_batch = epoch + 1, 0
       continue
     break
-  bar.close()
-  writer.close()
+  loop.close()
+  if step >= max_steps:
+    loop_lib.mark_finished(out_dir, {"steps": step})
   logging.info("%s: %d steps; compiled shapes %s", name, step, sorted(trainer.compiled_shapes))
   return jax.device_get(state["params"])

@@ -211,7 +211,7 @@ def test_train_and_evaluate_resume_equals_uninterrupted(setup, tiny_dataset, tmp
   for key in ("align/text2item_recall@1", "align/text2item_recall@10", "cold/hit@1_text",
               "cold/hit@1_cf"):
     assert key in stored
-  assert json.loads((tmp_path / "a/stage1/finished.json").read_text())["steps"] == 6
+  assert json.loads((tmp_path / "a/stage1/FINISHED").read_text())["steps"] == 6
   assert any((tmp_path / "a/stage1/tb").iterdir())
   # A finished run is not retrained.
   again = _run(cfg_full, tmp_path / "a", tiny_dataset, s["cf_model"], s["cf_params"])

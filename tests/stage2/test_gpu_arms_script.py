@@ -70,8 +70,8 @@ def arms_run(tmp_path_factory):
 
 def test_one_line_per_arm_with_metrics(arms_run):
   _, workdir, lines = arms_run
-  assert (workdir / "cf" / cf_lib.FINISHED).is_file()
-  assert (workdir / "stage1" / "finished.json").is_file()
+  assert (workdir / "cf" / "FINISHED").is_file()
+  assert (workdir / "stage1" / "FINISHED").is_file()
   assert [r["arm"] for r in lines] == ARMS
   bos = {"oracle": "first", "method_bos_first": "first", "method_user_first": "after_user"}
   for r in lines:

@@ -78,6 +78,11 @@ def _check_recommend(work):
   rest = np.setdiff1d(np.arange(1, rec.ds.num_items + 1), np.concatenate([seq, got]))
   assert scores[rest - 1].max() <= min(r.cf_score for r in ans.items) + 1e-6
   assert ans.history == [rec.ds.titles[i] for i in seq[-config.eval.num_history:]]
+  # Another user (other history and candidate titles) runs the program compiled for the
+  # first: prompts and packed answers are padded to the run's longest top-k shapes.
+  rec.recommend(user=9, k=6)
+  rec.recommend(history=[rec.ds.titles[int(i)] for i in rec.ds.sequence(4)[:2]], k=6)
+  assert rec.evaluator._score._cache_size() == 1
   assert isinstance(ans.explanation, str)
   # The same history given as titles gives the same answer.
   by_titles = rec.recommend(history=[rec.ds.titles[i].upper() for i in seq], k=6)
@@ -150,7 +155,8 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
                "--config.stage2.max_steps=-3 must be >= 0",
                f"--config.llm.path='{tmp_path / 'no_such_llm'}' does not exist",
                "--config.eval.baselines: unknown baseline(s) ['genre_x']; known: ['cf', "
-               "'llm_only', 'mlp_llm', 'popularity', 'tallrec']",
+               "'llm_only', 'mlp_llm', 'no_items', 'no_user', 'popularity', 'random_items', "
+                   "'sbert', 'tallrec']",
                "--config.llm.lora_targets='q,x': unknown projection(s) ['x']",
                "--config.stage2.train_lora=True needs --config.llm.lora_rank > 0",
                "--config.eval.baselines=tallrec needs --config.llm.lora_rank > 0",
@@ -186,7 +192,7 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
     runner.save_config(other, work)
   assert json.loads((work / "config.json").read_text())["cf"]["lr"] == 0.001
   (work / "stage1").mkdir()
-  (work / "stage1" / "finished.json").write_text("{}")
+  (work / "stage1" / "FINISHED").write_text("{}")
   s1 = ml100k.get_config()
   s1.stage2.max_steps = 900
   s1.stage1.lr = 1.0

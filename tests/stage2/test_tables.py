@@ -1,0 +1,178 @@
+"""launch/tables.py's library path on tiny models: every part of the paper's tables from
+one run folder, reused on a rerun; the Amazon cross-domain path on a generated pair of
+categories; bad input."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from allmrec_jax import testing
+from allmrec_jax.data import scenarios
+from allmrec_jax.trainers import runner
+from allmrec_jax.trainers import tables
+from configs import base
+from configs import ml100k
+
+LLAMA = dict(hidden=32, inter=64, layers=2, heads=4, kv_heads=2)   # a tiny random Llama
+
+
+def _tiny(c, tmp_path):
+  """Tiny models and budgets: a run of every part in minutes on a CPU."""
+  c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
+  c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
+  c.sbert.max_len = 32
+  c.cf.num_epochs, c.cf.eval_every = 1, 1
+  c.stage1.max_steps = 1
+  c.stage2.max_steps, c.stage2.batch_size = 1, 2
+  c.eval.max_new_tokens, c.eval.batch_size = 2, 4
+  return c
+
+
+def _check_rows(result, n_users):
+  for rec in result["rows"]:
+    m = rec["all"]
+    assert m["users"] == n_users, rec["model"]
+    hit1, hit5, mrr = m["hit@1"], m["hit@5"], m["mrr"]
+    assert abs(hit1 * n_users - round(hit1 * n_users)) < 1e-6, rec["model"]   # k / n
+    assert hit1 <= hit5 and hit1 <= mrr <= (1 + hit1) / 2 + 1e-9, rec["model"]
+    assert mrr >= 1 / 20, rec["model"]
+
+
+@pytest.mark.slow
+def test_every_part_tiny(tmp_path):
+  c = _tiny(ml100k.get_config(), tmp_path)
+  c.llm.matmul_dtype = c.sbert.matmul_dtype = ""
+  c.stages = "cf,stage1"
+  work = tmp_path / "run"
+  runner.train_and_evaluate(c, work)
+  suite = tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
+                        efficiency_steps=2)
+  doc = suite.run(list(tables.PARTS), command="allmrec-tables ...")
+  text = doc.read_text()
+  for part in tables.PARTS:
+    result = json.loads((work / "tables" / f"{part}.json").read_text())
+    assert f"## {result['title']}" in text, part
+    if part not in ("efficiency", "cold_warm"):      # those two are checked below
+      _check_rows(result, result["rows"][0]["all"]["users"])
+  assert (work / "tables" / "overall.png").stat().st_size > 1000
+
+  overall = json.loads((work / "tables" / "overall.json").read_text())
+  assert [r["model"] for r in overall["rows"]] == [
+      "SASRec", "NCF", "popularity", "LLM-Only", "TALLRec", "MLP-LLM", "A-LLMRec (SBERT)",
+      "A-LLMRec"]
+  assert all(r["all"]["users"] == 4 for r in overall["rows"])
+  assert "gen_hit@1" not in overall["rows"][0]["all"]            # CF rows: ranking only
+  assert all("gen_hit@1" in r["all"] for r in overall["rows"][3:])
+  # The SASRec row is the run's own CF model scored on the suite's users.
+  assert suite.cf_row("sasrec").metrics() == pytest.approx(
+      overall["rows"][0]["all"])
+
+  # cold / warm: the same per-user ranks split by the target's interaction count.
+  cw = json.loads((work / "tables" / "cold_warm.json").read_text())
+  cold, warm = scenarios.cold_warm_items(suite.ds, c.data.cold_fraction)
+  n_cold = int(np.isin(suite.es.targets, cold).sum())
+  n_warm = int(np.isin(suite.es.targets, warm).sum())
+  for rec, full in zip(cw["rows"], overall["rows"]):
+    assert rec["model"] == full["model"]
+    assert rec["cold"]["users"] == n_cold and rec["warm"]["users"] == n_warm
+    if n_cold + n_warm == 4:     # every target cold or warm: the parts recompose the whole
+      assert (n_cold * rec["cold"].get("hit@1", 0) + n_warm * rec["warm"].get("hit@1", 0)
+              == pytest.approx(4 * full["all"]["hit@1"]))
+
+  cu = json.loads((work / "tables" / "cold_users.json").read_text())
+  assert cu["rows"][0]["all"]["users"] == c.data.num_cold_users
+  assert [r["model"] for r in cu["rows"]] == ["SASRec", "popularity", "LLM-Only", "A-LLMRec"]
+  fs = json.loads((work / "tables" / "few_shot.json").read_text())
+  assert [r["model"] for r in fs["rows"]][1:] == ["TALLRec (K=16)", "A-LLMRec (K=16)",
+                                                  "A-LLMRec (SBERT) (K=16)"]
+  # Few-shot stage 2 saw only the K users' examples: one pass of K examples is K / batch
+  # steps, but max_steps=1 caps it, so check the trainer's example set instead.
+  assert (work / "stage2_few_shot16_allmrec" / "ckpt").is_dir()
+  ma = json.loads((work / "tables" / "model_agnostic.json").read_text())
+  assert [r["model"] for r in ma["rows"]] == ["SASRec", "A-LLMRec (SASRec)", "NCF",
+                                              "A-LLMRec (NCF)"]
+  assert (work / "tables" / "backbone_ncf" / "stage1" / "FINISHED").exists()
+  ab = json.loads((work / "tables" / "ablations.json").read_text())
+  assert len(ab["rows"]) == 1 + len(tables.STAGE1_ABLATIONS) + len(tables.STAGE2_ABLATIONS)
+  assert (work / "tables" / "stage1_no_match" / "cf").is_symlink()
+  s1 = json.loads((work / "tables" / "stage1_no_match" / "config.json").read_text())
+  assert s1["stage1"]["w_match"] == 0.0
+  xd = json.loads((work / "tables" / "cross_domain.json").read_text())
+  assert [r["model"] for r in xd["rows"]] == ["popularity", "LLM-Only", "TALLRec",
+                                              "A-LLMRec", "A-LLMRec (SBERT)"]
+  eff = json.loads((work / "tables" / "efficiency.json").read_text())
+  assert [r["label"] for r in eff["rows"]] == ["A-LLMRec", "TALLRec"]
+  for r in eff["rows"]:
+    assert r["seconds_per_step"] > 0 and r["seconds_per_user"] > 0
+    assert r["seconds_per_epoch"] == pytest.approx(r["seconds_per_step"] *
+                                                   r["steps_per_epoch"])
+
+  # A rerun reads every finished model back: no evaluation file is written again.
+  evals = sorted((work / "tables" / "eval").rglob("*.json"))
+  stamps = [p.stat().st_mtime_ns for p in evals]
+  again = tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
+                        efficiency_steps=2)
+  again.run(["overall", "ablations"])
+  assert [p.stat().st_mtime_ns for p in sorted((work / "tables" / "eval").rglob("*.json"))
+          ] == stamps
+  assert "loaded" not in again.__dict__          # the LLM was never loaded
+  assert json.loads((work / "tables" / "overall.json").read_text())["rows"] == overall["rows"]
+
+
+def _write_amazon_pair(directory, seed=0):
+  """Two Amazon-2018 categories (Movies_and_TV, Video_Games) of 40 users x 6-9 reviews over
+  50 items each, titled and described, in the raw formats."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True)
+  for cat, noun in (("Movies_and_TV", "Film"), ("Video_Games", "Game")):
+    reviews, meta = [], []
+    for i in range(50):
+      meta.append(json.dumps({"asin": f"{cat[:2]}{i}", "title": f"{noun} number {i}",
+                              "description": [f"A {noun.lower()} about topic {i % 7}"]}))
+    for u in range(40):
+      items = rng.choice(50, size=int(rng.integers(6, 10)), replace=False)
+      for t, i in enumerate(items):
+        reviews.append(json.dumps({"reviewerID": f"U{u}", "asin": f"{cat[:2]}{i}",
+                                   "overall": 5.0, "unixReviewTime": 1000 + t}))
+    for name, lines in ((f"{cat}.json.gz", reviews), (f"meta_{cat}.json.gz", meta)):
+      with gzip.open(directory / name, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+  return directory
+
+
+@pytest.mark.slow
+def test_cross_domain_amazon_pair(tmp_path):
+  raw = _write_amazon_pair(tmp_path / "raw")
+  c = _tiny(base.get_base_config(), tmp_path)
+  c.data.dataset = f"amazon2018:{raw}:Movies_and_TV"
+  c.data.data_dir = str(tmp_path / "processed")
+  c.stages = "cf,stage1"
+  work = tmp_path / "movies"
+  runner.train_and_evaluate(c, work)
+  suite = tables.Tables(c, work, users=4,
+                        cross_domain_target=f"amazon2018:{raw}:Video_Games")
+  suite.run(["cross_domain"])
+  xd = json.loads((work / "tables" / "cross_domain.json").read_text())
+  assert "Video_Games" in xd["title"] and "Movies_and_TV" in xd["title"]
+  _check_rows(xd, 4)
+  texts = json.loads((work / "tables" / "eval" / "cross_domain" / "allmrec.json").read_text())
+  # The answers are about the target domain's prompts (its titles are games).
+  assert len(texts["rank"]) == 4
+  assert (work / "stage2" / "ckpt").is_dir()          # trained on the source category
+
+
+def test_bad_input(tmp_path):
+  with pytest.raises(ValueError, match="--parts: unknown part"):
+    tables.parse_parts("overall,tables")
+  assert tables.parse_parts("all") == list(tables.PARTS)
+  c = ml100k.get_config()
+  with pytest.raises(FileNotFoundError, match="cf, stage1 not finished"):
+    tables.Tables(c, tmp_path / "nothing")
+  out = subprocess.run([sys.executable, "launch/tables.py", "--config=configs/ml100k.py",
+                        f"--workdir={tmp_path}", "--parts=overall,bogus"],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode != 0 and "--parts: unknown part(s) ['bogus']" in out.stderr
