@@ -206,7 +206,6 @@ class Tables:
                                      num_history=ecfg.num_history, max_users=ecfg.max_users,
                                      seed=self.config.data.candidate_seed)
     self._runs: dict[str, runner.Stage2Run] = {}
-    self.seconds: dict[str, float] = {}
 
   # ------------------------------------------------------------------ shared pieces
   @functools.cached_property
