@@ -498,7 +498,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.perf_counter() - t_last
         m["train/nonpad_tokens_per_s"] = tok_acc / max(dt, 1e-9)
-        m["train/seconds_per_step"] = dt / steps_acc   # the first window includes compiling
+        m["train/step_time_s"] = dt / steps_acc   # the first window includes compiling
         t_last, tok_acc, steps_acc = time.perf_counter(), 0.0, 0
         loop.log(step, {"step": step, "epoch": epoch, **m},
                  postfix={"loss": f"{m['train/loss']:.3f}",

@@ -503,7 +503,7 @@ class Tables:
                               name=folder, mesh=self.mesh, rules=self.rules, soft=soft)
     lines = [json.loads(x) for x in
              (self.workdir / folder / "metrics.jsonl").read_text().splitlines()]
-    per_step = [x["train/seconds_per_step"] for x in lines if "train/seconds_per_step" in x]
+    per_step = [x["train/step_time_s"] for x in lines if "train/step_time_s" in x]
     timed = per_step[1:] or per_step                 # the first step compiles
     cfg = config_lib.Stage2Config.from_config(config)
     ex = stage2_lib.training_examples(self.ds, maxlen=config.data.maxlen,
