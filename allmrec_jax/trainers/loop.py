@@ -1,5 +1,5 @@
 """What the training loops of every stage share: the finished marker, the checkpoint
-cadence, the progress bar and the metric writer.
+cadence, the progress indicator and the metric writer.
 
   loop = TrainLoop(stage_dir, name="stage1", total=1000, initial=restored_step,
                    ckpt_every=100, manager=manager, truncate_key="step")
@@ -53,15 +53,15 @@ class TrainLoop:
 
   Args:
     stage_dir: the stage's folder.
-    name: the progress bar's label.
+    name: the progress indicator's label.
     total, initial: the loop's length and where a resumed run starts.
     ckpt_every: steps between checkpoints (the last step and `force` always save).
     manager: the orbax CheckpointManager (`checkpointing.make_manager`).
     log_every: steps between metric records (the last step always logs).
     truncate_key: metrics.jsonl rows past `initial` under this key ("step", "epoch") are
       dropped: what an interrupted run logged after its last checkpoint is logged again.
-    progress: False = no progress bar.
-    unit: the bar's unit.
+    progress: False = no progress indicator.
+    unit: the progress indicator's unit.
   """
 
   def __init__(self, stage_dir, *, name: str, total: int, initial: int, ckpt_every: int,
