@@ -23,26 +23,26 @@ Run (idle machine; the whole thing takes ~6 minutes; the peer needs `accelerate`
 the GGUF: `.venv/bin/pip install -e '.[bench]'`):
   JAX_PLATFORMS=cpu python benchmarks/bench_stage2.py
 
-The figures below were taken with an earlier, external peer script of the same
-computation (and without the peaks of peaks.py); `torch_peer.py` replaces it.
-Measured idle on a 2-core AVX512-BF16 CPU (peer: other processes 0.008 cores; log in
-benchmarks/results/bench_stage2.log), SmolLM2-135M fp32:
-                         ours                        peer (PyTorch, 2 threads)   ratio  target
-  training, batch 4      220.8 non-pad tok/s         207.2 non-pad tok/s         1.07x  2.5x
-                         (4.96 s/step, 117 GFLOP/s
-                         = 56% of the 210 GFLOP/s
-                         jitted-matmul peak)
-  evaluation             1.50 s/user (batch 8:       3.83 s/user (batch 2:       2.55x  5x
-                         ranking 20 candidates +     generation of 64 tokens
-                         generating 64 tokens)       only)
-A later pair of runs on the same machine (idle; logs results/bench_stage2_{bf16,
-fp32}.log): float32 5.20 s/step and 1.72 s/user, peer 5.20 s/step
-and 3.93 s/user; with --matmul_dtype=bfloat16 (the ml100k default) 3.75 s/step
-(292 non-pad tok/s, 1.38x the peer) and 1.23 s/user (3.19x).
-Neither target is met. The training step is compute-bound at fp32 (the frozen LLM's forward
-and input-gradient backward over ~1,240 padded tokens are ~580 GFLOP); the peer does the
-same FLOPs with oneDNN at a similar rate, so the remaining gains are in fewer FLOPs (the
-LM head only on target tokens and no weight gradients are already in), not in overhead.
+Measured idle on a 2-core AMD EPYC with AVX2 and no AVX-512 (bfloat16 operands are slower
+than float32 there), SmolLM2-135M float32, one run (log results/bench_stage2_avx2.log);
+peaks in the same run: JAX float32 112 GFLOP/s, JAX bfloat16 78, PyTorch float32 108:
+                         ours                          peer (PyTorch, 2 threads)   ratio
+  training, batch 4      9.38 s/step, 117 non-pad      8.36 s/step, 129 non-pad    0.91x
+                         tok/s; 62 GFLOP/s = 55% of    tok/s (63% of PyTorch's
+                         the float32 peak (79% of      peak on the same FLOP
+                         the bfloat16 peak)            accounting)
+  evaluation, batch 8    3.28 s/user (ranking 20 +     6.78 s/user (generation     2.07x
+                         generating 64 tokens; ~150    of 64 tokens only)
+                         GFLOP/user, ~46 GFLOP/s =
+                         41% of the float32 peak)
+Evaluation batches of 16 and 32 (`--eval_batch`, same log): 3.59 and 3.44 s/user, no gain:
+per user the prompt prefill (~60 GFLOP) and the packed scoring of the 20 answers (70-80,
+LM head included) outweigh the 64 decode steps (~19), so more users per decode step buys
+little. Where the training step's time goes: benchmarks/profile_stage2.py.
+Earlier figures on a 2-core AVX512-BF16 machine (JAX float32 peak 210 GFLOP/s; logs
+results/bench_stage2{,_bf16,_fp32}.log, an earlier external peer script): float32 5.20
+s/step and 1.72 s/user vs the peer's 5.20 s/step and 3.93 s/user; bfloat16 matmuls 3.75
+s/step (1.38x) and 1.23 s/user (3.19x).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def setup(args):
   return c, ds, loaded, builder
 
 
-def bench_train(args, c, ds, loaded, builder, peak):
+def make_trainer(args, c, ds, loaded, builder):
+  """(trainer, state, batch iterator) of the stage-2 step at `args.batch`: random user
+  representations and item table (speed does not depend on their values)."""
   import jax  # pylint: disable=import-outside-toplevel
   from allmrec_jax.data import sampling  # pylint: disable=import-outside-toplevel
   from allmrec_jax.models import projectors as proj_lib  # pylint: disable=import-outside-toplevel
@@ -94,6 +96,11 @@ def bench_train(args, c, ds, loaded, builder, peak):
   state = trainer.init_state(params)
   it = stage2.iterate_batches(ex, rep, builder, ds, index, batch_size=args.batch,
                               num_candidates=c.stage2.num_candidates, seed=0, epoch=0)
+  return trainer, state, it
+
+
+def bench_train(args, c, ds, loaded, builder, peak):
+  trainer, state, it = make_trainer(args, c, ds, loaded, builder)
   times, nonpad, padded, lens = [], [], [], []
   for i in range(args.warmup + args.iters):
     t = time.perf_counter()
@@ -118,7 +125,7 @@ def bench_train(args, c, ds, loaded, builder, peak):
           "remat": bool(args.remat), "shapes": sorted(trainer.compiled_shapes)}
 
 
-def bench_eval(args, c, ds, loaded, builder):
+def bench_eval(args, c, ds, loaded, builder, peak):
   from allmrec_jax.models import projectors as proj_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import evaluate  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import stage2  # pylint: disable=import-outside-toplevel
@@ -137,17 +144,28 @@ def bench_eval(args, c, ds, loaded, builder):
                              projectors=proj, proj_params=params, item_table=table,
                              batch_size=bs, max_new_tokens=args.new_tokens,
                              repetition_penalty=c.eval.repetition_penalty, eos_ids=())
+  from allmrec_jax import generate as generate_lib  # pylint: disable=import-outside-toplevel
   ev.evaluate(es.take(slice(0, bs)), rep[:bs], desc="warm-up")        # compiles
-  times = []
+  times, flops = [], []
   for j in range(1, args.eval_batches + 1):
     sl = slice(j * bs, (j + 1) * bs)
     t = time.perf_counter()
     res = ev.evaluate(es.take(sl), rep[sl], desc="timed")
     times.append(time.perf_counter() - t)
     assert all(len(x) for x in res["texts"])
+    # The shapes this batch ran at (the evaluator's own padding rules), for the FLOPs.
+    sub = es.take(sl)
+    prompt_len = ev._batch(sub, rep[sl], "recommend")["input_ids"].shape[1]  # pylint: disable=protected-access
+    _, cont_mask = builder.continuations(sub.prompt_candidates, soft=True)
+    packed = generate_lib.packed_length(cont_mask, multiple=64)
+    flops.append(peaks.evaluation_flops(loaded.config, bs, prompt_len, packed,
+                                        args.new_tokens))
   med = statistics.median(times)
+  gflop_s = statistics.fmean(f / t for f, t in zip(flops, times)) / 1e9
   return {"batch": bs, "batch_s_median": med, "s_per_user": med / bs,
           "users_per_s": bs / med, "new_tokens": args.new_tokens,
+          "gflop_per_user": statistics.fmean(flops) / bs / 1e9, "gflop_per_s": gflop_s,
+          "fraction_of_peak": peaks.fraction(gflop_s, peak, args.matmul_dtype),
           "protocols": "ranking of 20 candidates + greedy generation (EOS ignored)"}
 
 
@@ -185,7 +203,7 @@ def main():
     result["ours_train"] = bench_train(args, c, ds, loaded, builder, peak)
     print(json.dumps({"ours_train": result["ours_train"]}, default=str), flush=True)
   if not args.skip_eval:
-    result["ours_eval"] = bench_eval(args, c, ds, loaded, builder)
+    result["ours_eval"] = bench_eval(args, c, ds, loaded, builder, peak)
     print(json.dumps({"ours_eval": result["ours_eval"]}), flush=True)
   if not args.skip_peer:
     if not args.skip_train:

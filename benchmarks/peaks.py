@@ -103,6 +103,21 @@ def llm_forward_flops(cfg, tokens: int, seq_len: int) -> float:
   return per_token * tokens
 
 
+def evaluation_flops(cfg, batch: int, prompt_len: int, packed_len: int,
+                     new_tokens: int) -> float:
+  """Matmul FLOPs of one evaluation batch (`generate.rank_and_generate_fn`): the prompt
+  prefill, the packed candidate answers scored against the prompt's cache (LM head on every
+  packed row), and `new_tokens` greedy decode steps (LM head on one row each); attention
+  of the later passes counted over the window they see."""
+  vocab_head = 2 * cfg.hidden_size * cfg.vocab_size
+  prefill = llm_forward_flops(cfg, batch * prompt_len, prompt_len)
+  scoring = (llm_forward_flops(cfg, batch * packed_len, prompt_len + packed_len)
+             + vocab_head * batch * packed_len)
+  decode = (llm_forward_flops(cfg, batch * new_tokens, prompt_len + new_tokens)
+            + vocab_head * batch * new_tokens)
+  return float(prefill + scoring + decode)
+
+
 def fraction(gflop_s: float, peaks: dict, matmul_dtype: str) -> float:
   """`gflop_s` as a fraction of the JAX peak of the operand dtype the run used."""
   key = "jax_bfloat16_gflop_s" if matmul_dtype == "bfloat16" else "jax_float32_gflop_s"
