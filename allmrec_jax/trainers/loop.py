@@ -71,10 +71,10 @@ class TrainLoop:
     self.log_every, self.manager = max(int(log_every), 1), manager
     self.writer = logging_utils.MetricWriter(pathlib.Path(stage_dir))
     self.writer.truncate(truncate_key, int(initial))
-    self.bar = None
+    self._indicator = None
     if progress:
       import tqdm  # pylint: disable=import-outside-toplevel
-      self.bar = tqdm.tqdm(total=self.total, initial=int(initial), desc=name, unit=unit,
+      self._indicator = tqdm.tqdm(total=self.total, initial=int(initial), desc=name, unit=unit,
                            dynamic_ncols=True, leave=False)
 
   @property
@@ -82,8 +82,8 @@ class TrainLoop:
     return self.writer.path
 
   def advance(self, n: int = 1) -> None:
-    if self.bar is not None:
-      self.bar.update(n)
+    if self._indicator is not None:
+      self._indicator.update(n)
 
   def log_due(self, step: int) -> bool:
     return step % self.log_every == 0 or step >= self.total
@@ -93,13 +93,13 @@ class TrainLoop:
 
   def log(self, step: int, record: dict, postfix: dict | None = None) -> None:
     self.writer.write(record, step)
-    if postfix and self.bar is not None:
-      self.bar.set_postfix(**postfix)
+    if postfix and self._indicator is not None:
+      self._indicator.set_postfix(**postfix)
 
   def save(self, step: int, **items) -> None:
     checkpointing.save(self.manager, step, **items)
 
   def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
+    if self._indicator is not None:
+      self._indicator.close()
     self.writer.close()

@@ -32,7 +32,7 @@ TOL = 1e-4
 # off and transformers fp32 4e-5 off, on logits of magnitude ~30. The gap is XLA:CPU's dot
 # accumulation order in the MLP down-projection that creates the massive activation (layer 2):
 # splitting that contraction into 48 partial sums makes ours more accurate than transformers
-# fp32, but costs speed, so the production path keeps plain dots. Real-model bar: 3e-4.
+# fp32, but costs speed, so the production path keeps plain dots. Real-model tolerance: 3e-4.
 REAL_TOL = 3e-4
 GGUF_TIED_HEAD = "output.weight"
 

@@ -1,0 +1,107 @@
+"""Shared by every test: one persistent XLA compilation cache for the whole run.
+
+Many tests compile the same small programs (the tiny LLM's steps, the CF and stage-1
+steps), in the pytest workers and in the pipelines they start as subprocesses. The first
+compilation of a program is written to a cache folder that lives as long as the run
+(removed at its end); every later compilation of the same program, in any worker or
+subprocess, loads the executable instead. A cached executable is the one XLA compiled, so
+no result changes.
+
+The folder is passed by environment variable (read by JAX at import, also in the
+subprocesses the tests start); a `JAX_COMPILATION_CACHE_DIR` already set is used as it is
+and kept (e.g. one shared by consecutive runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+# Every compilation is cached, however quick or small: a tiny program compiles in tens of
+# milliseconds, and a test compiles hundreds of them.
+_CACHE_SETTINGS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+_owned_cache_dir: str | None = None
+
+
+def pytest_configure(config):
+  """Names the run's cache folder before any worker or test imports JAX (xdist workers are
+  started after this hook, with this environment, so they share the folder)."""
+  del config
+  global _owned_cache_dir
+  if not os.environ.get(_CACHE_ENV):
+    _owned_cache_dir = tempfile.mkdtemp(prefix="allmrec-test-xla-cache-")
+    os.environ[_CACHE_ENV] = _owned_cache_dir
+  for name, value in _CACHE_SETTINGS.items():
+    os.environ.setdefault(name, value)
+  if "jax" in sys.modules:                 # imported already (by a plugin): too late for the
+    jax = sys.modules["jax"]               # environment, so the same settings directly
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _owned_cache_dir is not None:
+    shutil.rmtree(_owned_cache_dir, ignore_errors=True)
+
+
+# The tests that take minutes, with their duration in seconds on an idle 2-core CPU. Under
+# xdist they run first, spread over the workers (longest first, each to the worker with the
+# least listed work), so that none of them starts late on an otherwise finished worker.
+SLOW_TESTS = {
+    "tests/stage2/test_runner_e2e.py::test_all_stages_tiny": 470,
+    "tests/stage2/test_tables.py::test_every_part_tiny": 400,
+    "tests/stage2/test_tables.py::test_cross_domain_amazon_pair": 280,
+    "tests/test_kill_resume.py::test_two_kills_resume_to_identical_metrics": 260,
+    "tests/stage2/test_runner_e2e.py::test_long_config_layout_tiny": 245,
+    "tests/stage1/test_stage1_ml100k.py::test_ml100k_stage1_frozen_sbert_standardised": 220,
+    "tests/test_multiprocess.py::test_two_processes_equal_one": 125,
+    "tests/stage2/test_gpu_arms_script.py": 240,
+}
+# Files whose tests share an expensive module-scoped fixture: moved as one block.
+_MOVED_WHOLE = ("tests/stage2/test_gpu_arms_script.py",)
+
+
+def _unit_of(nodeid: str) -> str:
+  path = nodeid.split("::")[0]
+  return path if path in _MOVED_WHOLE else nodeid
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist (`--dist worksteal`, set in setup.cfg) the workers' queues are the
+  collection cut into equal consecutive parts; the listed slow tests are put at the head
+  of those parts, balanced, and the other tests fill each part in their usual order (idle
+  workers then steal from the queues' tails)."""
+  workerinput = getattr(config, "workerinput", None)
+  if workerinput is None or int(workerinput.get("workercount", 1)) < 2:
+    return
+  workers = int(workerinput["workercount"])
+  units: dict[str, list] = {}
+  for item in items:
+    units.setdefault(_unit_of(item.nodeid), []).append(item)
+  slow = sorted((u for u in units if u in SLOW_TESTS), key=lambda u: -SLOW_TESTS[u])
+  rest = [u for u in units if u not in SLOW_TESTS]
+  heads: list[list[str]] = [[] for _ in range(workers)]
+  load = [0.0] * workers
+  for u in slow:
+    w = load.index(min(load))
+    heads[w].append(u)
+    load[w] += SLOW_TESTS[u]
+  order: list = []
+  left = len(items)
+  for w in range(workers):
+    size = left // (workers - w)     # the part worksteal hands worker w at the start
+    part = [item for u in heads[w] for item in units[u]]
+    while rest and len(part) < size:
+      part += units[rest.pop(0)]
+    order += part
+    left -= len(part)
+  order += [item for u in rest for item in units[u]]
+  items[:] = order
