@@ -74,8 +74,8 @@ class TrainLoop:
     self._indicator = None
     if progress:
       import tqdm  # pylint: disable=import-outside-toplevel
-      self._indicator = tqdm.tqdm(total=self.total, initial=int(initial), desc=name, unit=unit,
-                           dynamic_ncols=True, leave=False)
+      self._indicator = tqdm.tqdm(total=self.total, initial=int(initial), desc=name,
+                                  unit=unit, dynamic_ncols=True, leave=False)
 
   @property
   def path(self) -> pathlib.Path:
