@@ -144,7 +144,6 @@ def bench_eval(args, c, ds, loaded, builder, peak):
                              projectors=proj, proj_params=params, item_table=table,
                              batch_size=bs, max_new_tokens=args.new_tokens,
                              repetition_penalty=c.eval.repetition_penalty, eos_ids=())
-  from allmrec_jax import generate as generate_lib  # pylint: disable=import-outside-toplevel
   ev.evaluate(es.take(slice(0, bs)), rep[:bs], desc="warm-up")        # compiles
   times, flops = [], []
   for j in range(1, args.eval_batches + 1):
@@ -157,7 +156,7 @@ def bench_eval(args, c, ds, loaded, builder, peak):
     sub = es.take(sl)
     prompt_len = ev._batch(sub, rep[sl], "recommend")["input_ids"].shape[1]  # pylint: disable=protected-access
     _, cont_mask = builder.continuations(sub.prompt_candidates, soft=True)
-    packed = generate_lib.packed_length(cont_mask, multiple=64)
+    packed = ev.packed_len(cont_mask)
     flops.append(peaks.evaluation_flops(loaded.config, bs, prompt_len, packed,
                                         args.new_tokens))
   med = statistics.median(times)

@@ -210,10 +210,7 @@ class LLMEvaluator:
                                                             soft=self.soft)
         args = (self.proj_params, self.llm_params, self.item_table, batch,
                 jnp.asarray(cont_ids), jnp.asarray(cont_mask))
-        # The 20 answers run back to back (no padding between them) in one pass of this
-        # many tokens; a multiple of 64 so that a run compiles few programs.
-        packed = max(generate_lib.packed_length(cont_mask, multiple=64),
-                     self.min_packed_len)
+        packed = self.packed_len(cont_mask)
         if generate:   # one prompt prefill serves both protocols
           s, cnt, out = self._rank_generate(*args, *self._gen_options, packed_len=packed)
           texts.extend(self._decode(out)[:n])
@@ -231,6 +228,12 @@ class LLMEvaluator:
     if generate:
       out["gen_hit"] = generation_hits(texts, [self.titles[t] for t in es.targets])
     return out
+
+  def packed_len(self, cont_mask: np.ndarray) -> int:
+    """Tokens of the one pass that scores the answers back to back (no padding between
+    them): a multiple of 64, so that a run compiles few programs, and at least
+    `min_packed_len`."""
+    return max(generate_lib.packed_length(cont_mask, multiple=64), self.min_packed_len)
 
   def _generate(self, batch: dict) -> list[str]:
     embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)
