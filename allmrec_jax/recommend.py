@@ -26,6 +26,7 @@ from allmrec_jax.trainers import evaluate as eval_lib
 from allmrec_jax.trainers import loop as loop_lib
 
 REQUIRED = ("cf", "stage1", "stage2")
+FLOOR_USERS = 4096        # known users whose top-k prompts set the compiled shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,22 +115,42 @@ class Recommender:
                        f"{self.ds.num_users - 1})")
     return np.asarray(self.ds.sequence(user), np.int32)
 
+  def _top_k(self, histories: list[np.ndarray], k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CF retrieval for item histories: (int32[B, k] the top-k items, float64[B, N] the
+    scores of the catalogue with each history's items masked, int32[B, maxlen] the
+    left-padded CF input)."""
+    maxlen = int(self.config.data.maxlen)
+    seqs = np.stack([dataset_lib.left_pad(np.zeros(1, np.int64), np.asarray([len(h)]), h,
+                                          maxlen)[0] for h in histories]).astype(np.int32)
+    catalogue = np.arange(1, self.ds.num_items + 1, dtype=np.int32)[None]
+    cf = np.asarray(eval_lib.cf_score(self.cf_model, self.cf_vars, seqs,
+                                      np.repeat(catalogue, len(seqs), 0))).astype(np.float64)
+    for row, h in enumerate(histories):
+      cf[row, np.asarray(h) - 1] = -np.inf
+    top = np.argsort(-cf, axis=1, kind="stable")[:, :k]
+    return (top + 1).astype(np.int32), cf, seqs
+
   def shape_floors(self, k: int) -> tuple[int, int]:
-    """(prompt length, packed answer length) of the longest top-`k` prompt this run can
-    build: the catalogue's longest titles as history and candidates. Every call with this
-    `k` is padded to them, so it runs the program compiled by the first."""
+    """(prompt length, packed answer length) of the longest top-`k` prompt of the known
+    users (up to FLOOR_USERS of them, seeded): every call with this `k` whose prompt fits
+    is padded to them and runs the program compiled by the first; a longer one (a long
+    --history) runs a longer bucket, compiled once."""
     if k not in self._floors:
-      builder, soft = self.run.builder, self.evaluator.soft
-      all_items = np.arange(1, self.ds.num_items + 1, dtype=np.int32)[None]
-      if self._answer_lens is None:
-        self._answer_lens = builder.continuations(all_items, soft=soft)[1][0].sum(-1)
-      longest = all_items[0][np.argsort(-self._answer_lens, kind="stable")]
       h = int(self.config.eval.num_history)
-      cands = longest[:k][None]
-      prompt = builder.build(longest[:h][None], cands, None, soft=soft, padding="left")
-      _, mask = builder.continuations(cands, soft=soft)
-      self._floors[k] = (int(prompt.arrays()["input_ids"].shape[1]),
-                         generate_lib.packed_length(mask, multiple=64))
+      users = np.arange(self.ds.num_users)
+      if len(users) > FLOOR_USERS:
+        users = np.sort(np.random.default_rng(0).choice(users, FLOOR_USERS, replace=False))
+      soft, builder = self.evaluator.soft, self.run.builder
+      prompt, need = 0, 0
+      for i in range(0, len(users), 256):
+        cands, _, seqs = self._top_k([self.sequence_of_user(int(u))
+                                      for u in users[i:i + 256]], k)
+        pb = builder.build(seqs[:, -h:], cands, None, soft=soft, padding="left")
+        prompt = max(prompt, int(pb.arrays()["input_ids"].shape[1]))
+        _, mask = builder.continuations(cands, soft=soft)
+        need = max(need, generate_lib.packed_length(mask, multiple=1))
+      self._floors[k] = (prompt, need)
     return self._floors[k]
 
   def recommend(self, user: int | None = None, history: list[str] | None = None, k: int = 20,
@@ -143,21 +164,16 @@ class Recommender:
     n_items = self.ds.num_items
     if not 1 <= k <= n_items - len(set(items.tolist())):
       raise ValueError(f"--top_k={k}: must be in 1..{n_items - len(set(items.tolist()))}")
-    maxlen = int(self.config.data.maxlen)
-    seq = dataset_lib.left_pad(np.zeros(1, np.int64), np.asarray([len(items)]), items, maxlen)
-    catalogue = np.arange(1, n_items + 1, dtype=np.int32)[None]
-    cf = np.asarray(eval_lib.cf_score(self.cf_model, self.cf_vars, seq, catalogue)
-                    )[0].astype(np.float64)
-    cf[items - 1] = -np.inf                                      # the history is masked
-    top = np.argsort(-cf, kind="stable")[:k]
-    cands = (top + 1).astype(np.int32)[None]
+    floors = self.shape_floors(k)
+    cands, cf, seq = self._top_k([items], k)          # the history is masked
+    cf, top = cf[0], cands[0] - 1
     h = int(self.config.eval.num_history)
     hist = seq[:, -h:]
     es = eval_lib.EvalSet(users=np.asarray([user if user is not None else -1], np.int32),
                           seq=seq, history=hist, candidates=cands,
                           order=np.arange(k, dtype=np.int32)[None])
     rep = self.run.user_representations(seq)
-    self.evaluator.min_prompt_len, self.evaluator.min_packed_len = self.shape_floors(k)
+    self.evaluator.min_prompt_len, self.evaluator.min_packed_len = floors
     res = self.evaluator.evaluate(es, rep, generate=False, desc="recommend")
     llm = res["scores"][0]
     order = np.argsort(-llm, kind="stable")

@@ -53,7 +53,9 @@ def make_mesh(shape: Sequence[int] | None = None,
   Args:
     shape: sizes of (data, fsdp, tensor); -1 in one place takes the remaining devices.
       None = all devices on "data".
-    devices: defaults to `jax.devices()` (all processes' devices on a pod).
+    devices: defaults to `jax.devices()` (all processes' devices on a pod). In a single
+      process an explicit shape may use fewer of them (the first ones, e.g. (1, 1, 1) for
+      one device); across processes it must use them all.
   """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
@@ -64,12 +66,16 @@ def make_mesh(shape: Sequence[int] | None = None,
     raise ValueError(f"mesh shape must have 3 entries (data, fsdp, tensor), got {shape}")
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {shape}: at most one -1")
-  if -1 in shape:
+  explicit = -1 not in shape
+  if not explicit:
     known = math.prod(s for s in shape if s != -1)
     shape[shape.index(-1)] = n // known
-  if math.prod(shape) != n:
-    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"{n} available (set --config.mesh.shape)")
+  need = math.prod(shape)
+  if explicit and 0 < need < n and jax.process_count() == 1:
+    devices, n = devices[:need], need
+  if need != n:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {need} devices, "
+                     f"{len(devices)} available (set --config.mesh.shape)")
   try:
     dev_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # pylint: disable=broad-except  # fake CPU devices, odd topologies

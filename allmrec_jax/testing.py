@@ -8,6 +8,7 @@ random. Written with numpy and safetensors (no torch import).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -15,6 +16,16 @@ import numpy as np
 
 from allmrec_jax import assets
 from allmrec_jax.weights import llm as llm_weights
+
+
+def one_device_env(env: dict[str, str] | None = None) -> dict[str, str]:
+  """A copy of `env` (default os.environ) for a CPU subprocess with one device: the
+  fake-device count is taken out of XLA_FLAGS, any other XLA flag is kept."""
+  env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
 
 
 def write_tiny_llama(path: pathlib.Path, hidden: int = 16, inter: int = 32,

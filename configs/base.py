@@ -33,7 +33,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); -1 = the remaining devices
+  c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); -1 = the remaining devices (an
+                                  # explicit shape may use the first few of one process)
   c.mesh.logical_axis_rules = None  # None = allmrec_jax.sharding.DEFAULT_RULES
 
   # ---------------------------------------------------------------- stage 0: CF

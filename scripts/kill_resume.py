@@ -75,9 +75,7 @@ def command(assets: pathlib.Path, workdir: pathlib.Path) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)     # one device: both runs compile the same programs
-  return env
+  return testing.one_device_env()   # one device: both runs compile the same programs
 
 
 def progress(workdir: pathlib.Path) -> int:

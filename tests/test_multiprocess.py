@@ -6,13 +6,14 @@ process on the whole batch (loss and updated projectors)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from allmrec_jax import testing
 
 STEPS = 2
 
@@ -88,7 +89,7 @@ def test_two_processes_equal_one():
   env_cmd = [sys.executable, __file__]
   procs = [subprocess.Popen(env_cmd + [str(i), str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "XLA_FLAGS": ""})
+                            env=testing.one_device_env())
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):

@@ -231,9 +231,11 @@ class LLMEvaluator:
 
   def packed_len(self, cont_mask: np.ndarray) -> int:
     """Tokens of the one pass that scores the answers back to back (no padding between
-    them): a multiple of 64, so that a run compiles few programs, and at least
-    `min_packed_len`."""
-    return max(generate_lib.packed_length(cont_mask, multiple=64), self.min_packed_len)
+    them): `min_packed_len` when they fit in it, else a multiple of 64 (so that a run
+    compiles few programs)."""
+    if generate_lib.packed_length(cont_mask, multiple=1) <= self.min_packed_len:
+      return self.min_packed_len
+    return generate_lib.packed_length(cont_mask, multiple=64)
 
   def _generate(self, batch: dict) -> list[str]:
     embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from allmrec_jax import generate as gen
+from allmrec_jax import testing
 from allmrec_jax.weights import llm as llm_weights
 
 torch = pytest.importorskip("torch")
@@ -472,7 +473,7 @@ def test_launch_generate_prints_the_continuation(tmp_path):
       [sys.executable, str(root / "launch" / "generate.py"), f"--llm={tmp_path}",
        f"--prompt={prompt}", "--max_new_tokens=6", "--repetition_penalty=1.5"],
       capture_output=True, text=True, timeout=300, cwd=root,
-      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      env=testing.one_device_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.rstrip("\n") == expected
   bad = subprocess.run([sys.executable, str(root / "launch" / "generate.py"),

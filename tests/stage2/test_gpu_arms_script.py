@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -43,8 +42,7 @@ def _digest(a: np.ndarray) -> str:
 
 def _run(assets_dir: pathlib.Path, workdir: pathlib.Path, out: pathlib.Path, *flags_):
   overrides = {**OVERRIDES, "llm.path": assets_dir / "llm", "sbert.path": assets_dir / "sbert"}
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)   # one CPU device, as on the single GPU
+  env = testing.one_device_env()   # one CPU device, as on the single GPU
   cmd = [sys.executable, str(SCRIPT), "--config=configs/ml100k.py", f"--workdir={workdir}",
          f"--out={out}", *flags_] + [f"--config.{k}={v}" for k, v in overrides.items()]
   p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
@@ -124,8 +122,7 @@ def test_exported_tables_replace_stage1_and_test_pass(arms_run, tmp_path):
   tables = tmp_path / "tables.npz"
   overrides = [f"--config.{k}={v}" for k, v in
                {**OVERRIDES, "llm.path": base / "llm", "sbert.path": base / "sbert"}.items()]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env = testing.one_device_env()
   p = subprocess.run([sys.executable, str(SCRIPT), "--config=configs/ml100k.py",
                       f"--workdir={workdir}", "--out=unused", f"--export_tables={tables}",
                       *overrides], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -115,6 +115,7 @@ def test_long_config_layout_tiny(tmp_path):
   c.eval.baselines = "cf"
   c.eval.diagnostics = "user_shuffled,items_permuted"
   c.eval.genre_users = 3
+  c.mesh.shape = (1, 1, 1)   # one device (test_all_stages_tiny runs on the 8-device mesh)
   work = tmp_path / "run"
   metrics = runner.train_and_evaluate(c, work)
   assert metrics["genre/num_users"] == 3

@@ -30,6 +30,7 @@ def _tiny(c, tmp_path):
   c.stage1.max_steps = 1
   c.stage2.max_steps, c.stage2.batch_size = 1, 2
   c.eval.max_new_tokens, c.eval.batch_size = 2, 4
+  c.mesh.shape = (1, 1, 1)         # one device: sharded runs are tested end to end elsewhere
   return c
 
 
@@ -43,25 +44,47 @@ def _check_rows(result, n_users):
     assert mrr >= 1 / 20, rec["model"]
 
 
-@pytest.mark.slow
-def test_every_part_tiny(tmp_path):
+def _base_run(tmp_path):
+  """The tiny run every part starts from: CF and stage 1 finished on MovieLens-100K."""
   c = _tiny(ml100k.get_config(), tmp_path)
   c.llm.matmul_dtype = c.sbert.matmul_dtype = ""
   c.stages = "cf,stage1"
   work = tmp_path / "run"
   runner.train_and_evaluate(c, work)
-  suite = tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
-                        efficiency_steps=2)
-  doc = suite.run(list(tables.PARTS), command="allmrec-tables ...")
-  text = doc.read_text()
-  for part in tables.PARTS:
-    result = json.loads((work / "tables" / f"{part}.json").read_text())
+  return c, work
+
+
+def _suite(c, work):
+  return tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
+                       efficiency_steps=2)
+
+
+def _run_parts(suite, work, parts):
+  """Runs `parts`; checks each one's document section and rows; returns {part: json}."""
+  text = suite.run(parts, command="allmrec-tables ...").read_text()
+  out = {}
+  for part in parts:
+    out[part] = result = json.loads((work / "tables" / f"{part}.json").read_text())
     assert f"## {result['title']}" in text, part
-    if part not in ("efficiency", "cold_warm"):      # those two are checked below
+    if part not in ("efficiency", "cold_warm"):      # those two are checked by the caller
       _check_rows(result, result["rows"][0]["all"]["users"])
+  return out
+
+
+# Every part of tables.PARTS is run by one of the three tests below (the parts are split
+# so that the tests run side by side on the suite's workers).
+
+
+@pytest.mark.slow
+def test_default_parts_tiny(tmp_path):
+  """overall, cold_warm, efficiency (the default selection), then a rerun that reads
+  every finished model back."""
+  c, work = _base_run(tmp_path)
+  suite = _suite(c, work)
+  got = _run_parts(suite, work, list(tables.DEFAULT_PARTS))
   assert (work / "tables" / "overall.png").stat().st_size > 1000
 
-  overall = json.loads((work / "tables" / "overall.json").read_text())
+  overall = got["overall"]
   assert [r["model"] for r in overall["rows"]] == [
       "SASRec", "NCF", "popularity", "LLM-Only", "TALLRec", "MLP-LLM", "A-LLMRec (SBERT)",
       "A-LLMRec"]
@@ -73,39 +96,17 @@ def test_every_part_tiny(tmp_path):
       overall["rows"][0]["all"])
 
   # cold / warm: the same per-user ranks split by the target's interaction count.
-  cw = json.loads((work / "tables" / "cold_warm.json").read_text())
   cold, warm = scenarios.cold_warm_items(suite.ds, c.data.cold_fraction)
   n_cold = int(np.isin(suite.es.targets, cold).sum())
   n_warm = int(np.isin(suite.es.targets, warm).sum())
-  for rec, full in zip(cw["rows"], overall["rows"]):
+  for rec, full in zip(got["cold_warm"]["rows"], overall["rows"]):
     assert rec["model"] == full["model"]
     assert rec["cold"]["users"] == n_cold and rec["warm"]["users"] == n_warm
     if n_cold + n_warm == 4:     # every target cold or warm: the parts recompose the whole
       assert (n_cold * rec["cold"].get("hit@1", 0) + n_warm * rec["warm"].get("hit@1", 0)
               == pytest.approx(4 * full["all"]["hit@1"]))
 
-  cu = json.loads((work / "tables" / "cold_users.json").read_text())
-  assert cu["rows"][0]["all"]["users"] == c.data.num_cold_users
-  assert [r["model"] for r in cu["rows"]] == ["SASRec", "popularity", "LLM-Only", "A-LLMRec"]
-  fs = json.loads((work / "tables" / "few_shot.json").read_text())
-  assert [r["model"] for r in fs["rows"]][1:] == ["TALLRec (K=16)", "A-LLMRec (K=16)",
-                                                  "A-LLMRec (SBERT) (K=16)"]
-  # Few-shot stage 2 saw only the K users' examples: one pass of K examples is K / batch
-  # steps, but max_steps=1 caps it, so check the trainer's example set instead.
-  assert (work / "stage2_few_shot16_allmrec" / "ckpt").is_dir()
-  ma = json.loads((work / "tables" / "model_agnostic.json").read_text())
-  assert [r["model"] for r in ma["rows"]] == ["SASRec", "A-LLMRec (SASRec)", "NCF",
-                                              "A-LLMRec (NCF)"]
-  assert (work / "tables" / "backbone_ncf" / "stage1" / "FINISHED").exists()
-  ab = json.loads((work / "tables" / "ablations.json").read_text())
-  assert len(ab["rows"]) == 1 + len(tables.STAGE1_ABLATIONS) + len(tables.STAGE2_ABLATIONS)
-  assert (work / "tables" / "stage1_no_match" / "cf").is_symlink()
-  s1 = json.loads((work / "tables" / "stage1_no_match" / "config.json").read_text())
-  assert s1["stage1"]["w_match"] == 0.0
-  xd = json.loads((work / "tables" / "cross_domain.json").read_text())
-  assert [r["model"] for r in xd["rows"]] == ["popularity", "LLM-Only", "TALLRec",
-                                              "A-LLMRec", "A-LLMRec (SBERT)"]
-  eff = json.loads((work / "tables" / "efficiency.json").read_text())
+  eff = got["efficiency"]
   assert [r["label"] for r in eff["rows"]] == ["A-LLMRec", "TALLRec"]
   for r in eff["rows"]:
     assert r["seconds_per_step"] > 0 and r["seconds_per_user"] > 0
@@ -115,13 +116,44 @@ def test_every_part_tiny(tmp_path):
   # A rerun reads every finished model back: no evaluation file is written again.
   evals = sorted((work / "tables" / "eval").rglob("*.json"))
   stamps = [p.stat().st_mtime_ns for p in evals]
-  again = tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
-                        efficiency_steps=2)
-  again.run(["overall", "ablations"])
+  again = _suite(c, work)
+  again.run(["overall", "cold_warm"])
   assert [p.stat().st_mtime_ns for p in sorted((work / "tables" / "eval").rglob("*.json"))
           ] == stamps
   assert "loaded" not in again.__dict__          # the LLM was never loaded
   assert json.loads((work / "tables" / "overall.json").read_text())["rows"] == overall["rows"]
+
+
+@pytest.mark.slow
+def test_scenario_parts_tiny(tmp_path):
+  """cold_users, few_shot and the MovieLens genre-split cross_domain."""
+  c, work = _base_run(tmp_path)
+  got = _run_parts(_suite(c, work), work, ["cold_users", "few_shot", "cross_domain"])
+  cu = got["cold_users"]
+  assert cu["rows"][0]["all"]["users"] == c.data.num_cold_users
+  assert [r["model"] for r in cu["rows"]] == ["SASRec", "popularity", "LLM-Only", "A-LLMRec"]
+  assert [r["model"] for r in got["few_shot"]["rows"]][1:] == [
+      "TALLRec (K=16)", "A-LLMRec (K=16)", "A-LLMRec (SBERT) (K=16)"]
+  # Few-shot stage 2 saw only the K users' examples: one pass of K examples is K / batch
+  # steps, but max_steps=1 caps it, so check the trainer's example set instead.
+  assert (work / "stage2_few_shot16_allmrec" / "ckpt").is_dir()
+  assert [r["model"] for r in got["cross_domain"]["rows"]] == [
+      "popularity", "LLM-Only", "TALLRec", "A-LLMRec", "A-LLMRec (SBERT)"]
+
+
+@pytest.mark.slow
+def test_model_parts_tiny(tmp_path):
+  """model_agnostic (a second backbone trained end to end) and the ablations."""
+  c, work = _base_run(tmp_path)
+  got = _run_parts(_suite(c, work), work, ["model_agnostic", "ablations"])
+  assert [r["model"] for r in got["model_agnostic"]["rows"]] == [
+      "SASRec", "A-LLMRec (SASRec)", "NCF", "A-LLMRec (NCF)"]
+  assert (work / "tables" / "backbone_ncf" / "stage1" / "FINISHED").exists()
+  ab = got["ablations"]
+  assert len(ab["rows"]) == 1 + len(tables.STAGE1_ABLATIONS) + len(tables.STAGE2_ABLATIONS)
+  assert (work / "tables" / "stage1_no_match" / "cf").is_symlink()
+  s1 = json.loads((work / "tables" / "stage1_no_match" / "config.json").read_text())
+  assert s1["stage1"]["w_match"] == 0.0
 
 
 def _write_amazon_pair(directory, seed=0):
