@@ -88,7 +88,6 @@ class Recommender:
     self.evaluator = self.run.evaluator(table, params, use_user=cfg.use_user,
                                         use_items=cfg.use_items)
     self.evaluator.batch_size = 1
-    self._answer_lens = None        # int[N] answer tokens per item (shape floors, per k)
     self._floors: dict[int, tuple[int, int]] = {}
     self._title_index: dict[str, list[int]] = {}
     for i, t in enumerate(self.ds.titles):
@@ -120,14 +119,14 @@ class Recommender:
     """The CF retrieval for item histories: (int32[B, k] the top-k items, float64[B, N] the
     scores of the catalogue with each history's items masked, int32[B, maxlen] the
     left-padded CF input)."""
-    maxlen = int(self.config.data.maxlen)
-    seqs = np.stack([dataset_lib.left_pad(np.zeros(1, np.int64), np.asarray([len(h)]), h,
-                                          maxlen)[0] for h in histories]).astype(np.int32)
+    lens = np.asarray([len(h) for h in histories], np.int64)
+    ends = np.cumsum(lens)
+    flat = np.concatenate(histories).astype(np.int64)
+    seqs = dataset_lib.left_pad(ends - lens, ends, flat, int(self.config.data.maxlen))
     catalogue = np.arange(1, self.ds.num_items + 1, dtype=np.int32)[None]
     cf = np.asarray(eval_lib.cf_score(self.cf_model, self.cf_vars, seqs,
                                       np.repeat(catalogue, len(seqs), 0))).astype(np.float64)
-    for row, h in enumerate(histories):
-      cf[row, np.asarray(h) - 1] = -np.inf
+    cf[np.repeat(np.arange(len(histories)), lens), flat - 1] = -np.inf
     top = np.argsort(-cf, axis=1, kind="stable")[:, :k]
     return (top + 1).astype(np.int32), cf, seqs
 

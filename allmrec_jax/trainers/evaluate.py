@@ -233,9 +233,9 @@ class LLMEvaluator:
     """Tokens of the one pass that scores the answers back to back (no padding between
     them): `min_packed_len` when they fit in it, else a multiple of 64 (so that a run
     compiles few programs)."""
-    if generate_lib.packed_length(cont_mask, multiple=1) <= self.min_packed_len:
-      return self.min_packed_len
-    return generate_lib.packed_length(cont_mask, multiple=64)
+    need = generate_lib.packed_length(cont_mask, multiple=1)
+    return (self.min_packed_len if need <= self.min_packed_len
+            else generate_lib.bucket_length(need, 64))
 
   def _generate(self, batch: dict) -> list[str]:
     embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)
