@@ -319,7 +319,8 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
     frozen: {"cf": CF variables, "item_table": float[N+1, d]} and either
       {"text_ids", "text_mask": int32[N+1, T]} (SBERT fine-tuned) or
       {"text_table": float[N+1, t]} (SBERT frozen); optionally "text_stats"
-      (`text_stats`: SBERT outputs are standardised before f_T and as its recon target).
+      (`text_stats`: SBERT outputs are standardised before f_T and as its recon target)
+      and "loss_weights" (`loss_weights`; default: cfg's).
     batch: seq int32[B, L], pos int32[B], neg int32[B], mask float32[B] (0 = padding row),
       optionally packed_text (the 2B texts of pos then neg packed by `pack_batch_texts`;
       used instead of the token table when SBERT is fine-tuned: same embeddings, ~4x
@@ -363,9 +364,18 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
       "item_recon": losses.stage1_item_recon_loss(dec_p, e_in_p, dec_n, e_in_n, w),
       "text_recon": losses.stage1_text_recon_loss(tdec_p, q_in_p, tdec_n, q_in_n, w),
   }
-  total = losses.stage1_total_loss(terms, cfg.w_rec, cfg.w_match, cfg.w_item_recon,
-                                   cfg.w_text_recon)
+  weights = frozen.get("loss_weights", loss_weights(cfg))
+  total = losses.stage1_total_loss(terms, *(weights[i] for i in range(len(LOSS_TERMS))))
   return total, terms
+
+
+def loss_weights(cfg: Stage1Config) -> Array:
+  """float32[4] (w_rec, w_match, w_item_recon, w_text_recon), the order of LOSS_TERMS.
+  The trainer passes them in `frozen` (an argument of the step, not constants of its
+  program), so runs that differ only in the weights, such as the loss ablations, share one
+  compiled step."""
+  return jnp.asarray([cfg.w_rec, cfg.w_match, cfg.w_item_recon, cfg.w_text_recon],
+                     jnp.float32)
 
 
 def _ids(frozen: dict[str, Any], ids: Array) -> Array:
@@ -615,7 +625,8 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   vocab = (compact_vocab(text_ids, sb.module)
            if cfg.compact_vocab and not cfg.freeze_sbert else None)
   opt_state = init_opt_state(tx, trainable, vocab)
-  frozen: dict[str, Any] = {"cf": cf_params, "item_table": item_table}  # no grads, no opt
+  frozen: dict[str, Any] = {"cf": cf_params, "item_table": item_table,  # no grads, no opt
+                            "loss_weights": loss_weights(cfg)}
   pretrained_table = None
   if cfg.freeze_sbert:
     pretrained_table = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,

@@ -1,11 +1,14 @@
 """launch/tables.py's library path on tiny models: every part of the paper's tables from
 one run folder, reused on a rerun; the Amazon cross-domain path on a generated pair of
-categories; bad input."""
+categories; bad input; the stand-in item tables of scripts/gpu_tables.py."""
 
 import gzip
+import importlib.util
 import json
+import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from allmrec_jax.trainers import tables
 from configs import base
 from configs import ml100k
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 LLAMA = dict(hidden=32, inter=64, layers=2, heads=4, kv_heads=2)   # a tiny random Llama
 
 
@@ -76,7 +80,7 @@ def _run_parts(suite, work, parts):
 
 
 @pytest.mark.slow
-def test_default_parts_tiny(tmp_path):
+def test_default_parts_tiny(tmp_path, monkeypatch):
   """overall, cold_warm, efficiency (the default selection), then a rerun that reads
   every finished model back."""
   c, work = _base_run(tmp_path)
@@ -122,6 +126,22 @@ def test_default_parts_tiny(tmp_path):
           ] == stamps
   assert "loaded" not in again.__dict__          # the LLM was never loaded
   assert json.loads((work / "tables" / "overall.json").read_text())["rows"] == overall["rows"]
+
+  # scripts/gpu_tables.py: the exported item tables stand in for stage 1's checkpoint.
+  spec = importlib.util.spec_from_file_location("gpu_tables",
+                                                ROOT / "scripts" / "gpu_tables.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  path = str(tmp_path / "item_tables.npz")
+  script._export(c, work, path)                  # pylint: disable=protected-access
+  monkeypatch.setattr(runner, "stage1_tables", runner.stage1_tables)   # restored after
+  script._use_item_tables(work, path)            # pylint: disable=protected-access
+  got = runner.stage1_tables(c, work, suite.ds, None, None)
+  for key in script.KEYS:
+    np.testing.assert_array_equal(got[key], suite.stage2_run("base").tables[key])
+  small = types.SimpleNamespace(num_items=suite.ds.num_items - 1)   # another catalogue
+  with pytest.raises(ValueError, match="--item_tables=.* rows"):
+    runner.stage1_tables(c, work, small, None, None)
 
 
 @pytest.mark.slow

@@ -1,0 +1,85 @@
+r"""`allmrec-tables` on a machine that receives the run without stage 1's checkpoint.
+
+The device machine (one GPU, no network, at most 64 MiB per call) cannot receive the run's
+stage-1 checkpoint (162 MB: fine-tuned SBERT and its Adam state). The base run's stage-1
+item tables (joint, text, cf: what stage 2 reads from stage 1) are exported here to an .npz
+and replace that checkpoint there; every variant the tables train (stage-1 ablations,
+backbones, the cross-domain source) trains its own stage 1 from the SBERT asset as usual.
+
+  # here: the base run's item tables
+  python scripts/gpu_tables.py --config=configs/ml100k_long.py --workdir=runs/ml100k_lora \
+      --export_item_tables=item_tables.npz
+  # there: launch/tables.py's flags, plus the tables
+  python scripts/gpu_tables.py --config=configs/ml100k_long.py --workdir=RUN \
+      --item_tables=item_tables.npz --parts=ablations,model_agnostic --users=100
+
+scripts/gpu_tables_bundle.sh packs the bundle and scripts/gpu_tables_run.sh runs this
+there. A persistent XLA compilation cache (--compile_cache) lets the variants, which share
+their shapes, reuse one another's compiled programs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from launch import tables as tables_launch
+from allmrec_jax.data import prepare
+from allmrec_jax.trainers import cf as cf_lib
+from allmrec_jax.trainers import runner
+
+_ITEM_TABLES = flags.DEFINE_string(
+    "item_tables", "", "an .npz of the base run's stage-1 item tables (--export_item_tables): "
+    "used instead of its stage-1 checkpoint")
+_EXPORT = flags.DEFINE_string("export_item_tables", "", "write the base run's stage-1 item "
+                              "tables to this .npz and stop")
+_COMPILE_CACHE = flags.DEFINE_string("compile_cache", "", "persistent XLA compilation cache "
+                                     "folder (\"\" = none)")
+KEYS = ("cf", "joint", "text")
+
+
+def _export(config, workdir: pathlib.Path, path: str) -> None:
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  tables = runner.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
+  np.savez(path, **{k: tables[k] for k in KEYS})
+  print(f"wrote {path}: " + ", ".join(f"{k} {tables[k].shape}" for k in KEYS))
+
+
+def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
+  """Makes runner.stage1_tables return the .npz tables for `workdir` (checked against the
+  dataset's item count); other run folders compute theirs."""
+  with np.load(path, allow_pickle=False) as f:
+    saved = {k: np.asarray(f[k], np.float32) for k in KEYS}
+  compute = runner.stage1_tables
+  base = workdir.resolve()
+
+  def stage1_tables(config, wd, ds, cf_model, cf_params):
+    if pathlib.Path(wd).resolve() != base:
+      return compute(config, wd, ds, cf_model, cf_params)
+    bad = [k for k, t in saved.items() if t.shape[0] != ds.num_items + 1]
+    if bad:
+      raise ValueError(f"--item_tables={path}: {bad} do not have {ds.num_items + 1} rows")
+    return dict(saved)
+  runner.stage1_tables = stage1_tables
+
+
+def main(argv):
+  if _COMPILE_CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  workdir = pathlib.Path(flags.FLAGS.workdir).expanduser()
+  if _EXPORT.value:
+    _export(tables_launch._CONFIG.value, workdir, _EXPORT.value)  # pylint: disable=protected-access
+    return
+  if _ITEM_TABLES.value:
+    _use_item_tables(workdir, _ITEM_TABLES.value)
+  tables_launch.main(argv)
+
+
+if __name__ == "__main__":
+  app.run(main)
