@@ -1,5 +1,6 @@
 """A tiny end-to-end run through every stage (real MovieLens-100K and MiniLM, a tiny random
-Llama saved as a Hugging Face directory), then a rerun that skips the finished stages."""
+Llama saved as a Hugging Face directory), then a rerun that skips the finished stages; the
+long config's stage 2 end to end (tiny SBERT)."""
 
 import json
 import subprocess
@@ -108,6 +109,10 @@ def test_long_config_layout_tiny(tmp_path):
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
   c = ml100k_long.get_config()
   c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
+  # A tiny SBERT (test_all_stages_tiny runs the real MiniLM): stage 1 embeds every item
+  # text several times, which MiniLM makes most of this test's time on a CPU.
+  c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
+  c.sbert.max_len = 32
   c.cf.num_epochs, c.cf.eval_every = 2, 1
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every, c.stage2.eval_every = 4, 2, 2
