@@ -66,20 +66,21 @@ def pytest_unconfigure(config):
     shutil.rmtree(_owned_cache_dir, ignore_errors=True)
 
 
-# The tests that take minutes, with their duration in seconds on an idle 2-core CPU. Under
-# xdist they run first, spread over the workers (longest first, each to the worker with the
-# least listed work), so that none of them starts late on an otherwise finished worker.
+# The tests that take minutes, with their duration in seconds in a suite run on a 2-core
+# CPU (two workers). Under xdist they run first, spread over the workers (longest first,
+# each to the worker with the least listed work), so that none of them starts late on an
+# otherwise finished worker.
 SLOW_TESTS = {
-    "tests/stage2/test_runner_e2e.py::test_all_stages_tiny": 470,
-    "tests/stage2/test_tables.py::test_scenario_parts_tiny": 295,
-    "tests/stage2/test_tables.py::test_default_parts_tiny": 250,
-    "tests/stage1/test_stage1_ml100k.py::test_ml100k_stage1_frozen_sbert_standardised": 210,
-    "tests/stage2/test_tables.py::test_model_parts_tiny": 205,
-    "tests/test_kill_resume.py::test_two_kills_resume_to_identical_metrics": 180,
-    "tests/stage2/test_gpu_arms_script.py": 185,
-    "tests/stage2/test_runner_e2e.py::test_long_config_layout_tiny": 160,
-    "tests/stage2/test_tables.py::test_cross_domain_amazon_pair": 95,
+    "tests/stage2/test_tables.py::test_scenario_parts_tiny": 310,
+    "tests/stage2/test_runner_e2e.py::test_all_stages_tiny": 295,
+    "tests/stage2/test_tables.py::test_default_parts_tiny": 160,
+    "tests/stage2/test_tables.py::test_model_parts_tiny": 135,
+    "tests/test_kill_resume.py::test_two_kills_resume_to_identical_metrics": 135,
+    "tests/stage2/test_gpu_arms_script.py": 120,
+    "tests/stage2/test_runner_e2e.py::test_long_config_layout_tiny": 105,
     "tests/test_multiprocess.py::test_two_processes_equal_one": 95,
+    "tests/stage2/test_tables.py::test_cross_domain_amazon_pair": 85,
+    "tests/stage1/test_stage1_ml100k.py::test_ml100k_stage1_frozen_sbert_standardised": 75,
 }
 # Files whose tests share an expensive module-scoped fixture: moved as one block.
 _MOVED_WHOLE = ("tests/stage2/test_gpu_arms_script.py",)

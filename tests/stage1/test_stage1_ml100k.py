@@ -26,6 +26,9 @@ def test_ml100k_stage1_frozen_sbert_standardised(tmp_path):
   config.stage1.text_standardize = True
   config.stage1.num_epochs = 100
   config.stage1.log_every = 20
+  # One device: 1,600 tiny steps split over the 8 fake devices cost ~2x their compute
+  # (stage 1 on a mesh is test_stage1_train.py::test_data_parallel_mesh_equals_one_device).
+  config.mesh.shape = (1, 1, 1)
   ds = prepare.prepare_dataset(config.data)
   cf = dict(config.cf)
   cf["maxlen"] = config.data.maxlen
