@@ -29,7 +29,7 @@ done
 cp -r "$WORKDIR/config.json" "$WORKDIR/config_history.jsonl" "$WORKDIR/cf" "$STAGE/run/"
 cp "$WORKDIR"/stage1/{FINISHED,finished.json,metrics.json} "$STAGE/run/stage1/"
 (cd "$WORKDIR" && find tables -path '*/stage1' -prune -o -path '*/stage2*' -prune \
-   -o -path '*/efficiency' -prune -o -path '*/cold_users' -prune -o -type f -print \
+   -o -path tables/efficiency -prune -o -path tables/cold_users -prune -o -type f -print \
    | tar -cf - -T -) | tar -xf - -C "$STAGE/run"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
