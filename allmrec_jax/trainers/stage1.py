@@ -364,8 +364,8 @@ def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Arra
       "item_recon": losses.stage1_item_recon_loss(dec_p, e_in_p, dec_n, e_in_n, w),
       "text_recon": losses.stage1_text_recon_loss(tdec_p, q_in_p, tdec_n, q_in_n, w),
   }
-  weights = frozen.get("loss_weights", loss_weights(cfg))
-  total = losses.stage1_total_loss(terms, *(weights[i] for i in range(len(LOSS_TERMS))))
+  weights = frozen["loss_weights"] if "loss_weights" in frozen else loss_weights(cfg)
+  total = losses.stage1_total_loss(terms, *weights)
   return total, terms
 
 
