@@ -145,27 +145,12 @@ TABLE_KEYS = ("cf", "joint")
 
 def export_tables(config, workdir: str | os.PathLike, path: str | os.PathLike) -> dict:
   """Writes the stage-1 item tables of a finished `workdir` to `path` (.npz); returns them."""
-  workdir = pathlib.Path(workdir).expanduser()
-  ds = prepare.prepare_dataset(config.data)
-  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
-  tables = runner.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
-  tables = {k: tables[k] for k in TABLE_KEYS}
-  np.savez(path, **tables)
-  return tables
+  return runner.save_stage1_tables(config, workdir, path, TABLE_KEYS)
 
 
 def load_tables(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray]:
   """The item tables of --tables, checked against the dataset."""
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in TABLE_KEYS if k not in f]
-    if missing:
-      raise ValueError(f"--tables={path}: missing arrays {missing} (has {sorted(f)})")
-    tables = {k: np.asarray(f[k], np.float32) for k in TABLE_KEYS}
-  for k, t in tables.items():
-    if t.ndim != 2 or t.shape[0] != num_items:
-      raise ValueError(f"--tables={path}: {k!r} has shape {t.shape}, expected "
-                       f"[{num_items}, dim] (this dataset's item count)")
-  return tables
+  return runner.load_stage1_tables(path, num_items, TABLE_KEYS, flag="tables")
 
 
 def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) -> bool:

@@ -25,11 +25,8 @@ import pathlib
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 from launch import tables as tables_launch
-from allmrec_jax.data import prepare
-from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import runner
 
 _ITEM_TABLES = flags.DEFINE_string(
@@ -39,32 +36,24 @@ _EXPORT = flags.DEFINE_string("export_item_tables", "", "write the base run's st
                               "tables to this .npz and stop")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", "", "persistent XLA compilation cache "
                                      "folder (\"\" = none)")
-KEYS = ("cf", "joint", "text")
+KEYS = runner.STAGE1_TABLE_KEYS
 
 
 def _export(config, workdir: pathlib.Path, path: str) -> None:
-  ds = prepare.prepare_dataset(config.data)
-  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
-  tables = runner.stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
-  np.savez(path, **{k: tables[k] for k in KEYS})
-  print(f"wrote {path}: " + ", ".join(f"{k} {tables[k].shape}" for k in KEYS))
+  tables = runner.save_stage1_tables(config, workdir, path, KEYS)
+  print(f"wrote {path}: " + ", ".join(f"{k} {t.shape}" for k, t in tables.items()))
 
 
 def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
   """Makes runner.stage1_tables return the .npz tables for `workdir` (checked against the
   dataset's item count); other run folders compute theirs."""
-  with np.load(path, allow_pickle=False) as f:
-    saved = {k: np.asarray(f[k], np.float32) for k in KEYS}
   compute = runner.stage1_tables
   base = workdir.resolve()
 
   def stage1_tables(config, wd, ds, cf_model, cf_params):
     if pathlib.Path(wd).resolve() != base:
       return compute(config, wd, ds, cf_model, cf_params)
-    bad = [k for k, t in saved.items() if t.shape[0] != ds.num_items + 1]
-    if bad:
-      raise ValueError(f"--item_tables={path}: {bad} do not have {ds.num_items + 1} rows")
-    return dict(saved)
+    return runner.load_stage1_tables(path, ds.num_items + 1, KEYS, flag="item_tables")
   runner.stage1_tables = stage1_tables
 
 

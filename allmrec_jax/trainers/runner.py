@@ -624,6 +624,41 @@ def stage1_tables(config, workdir: pathlib.Path, ds, cf_model, cf_params) -> dic
   return tables
 
 
+STAGE1_TABLE_KEYS = ("cf", "joint", "text")
+
+
+def save_stage1_tables(config, workdir, path, keys=STAGE1_TABLE_KEYS) -> dict[str, np.ndarray]:
+  """Writes `keys` of the stage-1 item tables (`stage1_tables`) of a run folder whose cf
+  and stage1 are finished to `path` (.npz, no pickle), so that a machine without the
+  stage-1 checkpoint (or SBERT) can train stage 2 from them; returns them."""
+  from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
+  workdir = pathlib.Path(workdir).expanduser()
+  ds = prepare.prepare_dataset(config.data)
+  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
+  tables = stage1_tables(config, workdir, ds, cf_model, {"params": cf_params})
+  tables = {k: tables[k] for k in keys}
+  np.savez(path, **tables)
+  return tables
+
+
+def load_stage1_tables(path, num_rows: int, keys=STAGE1_TABLE_KEYS, flag: str = "tables"
+                       ) -> dict[str, np.ndarray]:
+  """The float32 item tables `keys` of a `save_stage1_tables` file, each checked to have
+  `num_rows` rows (the dataset's items + padding); a missing array or a wrong shape is a
+  one-line error naming `--flag=path`."""
+  with np.load(path, allow_pickle=False) as f:
+    missing = [k for k in keys if k not in f]
+    if missing:
+      raise ValueError(f"--{flag}={path}: missing arrays {missing} (has {sorted(f)})")
+    tables = {k: np.asarray(f[k], np.float32) for k in keys}
+  for k, t in tables.items():
+    if t.ndim != 2 or t.shape[0] != num_rows:
+      raise ValueError(f"--{flag}={path}: {k!r} has shape {t.shape}, expected "
+                       f"[{num_rows} rows, dim] (this dataset's items + padding)")
+  return tables
+
+
 def text_item_table(s1, config, ds) -> np.ndarray:
   """float32[N+1, latent] f_T^enc(SBERT(item text)) of `ds`'s items under a trained stage 1
   (`stage1.load_trained_stage1`): the joint embedding of items the CF model never saw."""

@@ -142,6 +142,10 @@ def test_default_parts_tiny(tmp_path, monkeypatch):
   small = types.SimpleNamespace(num_items=suite.ds.num_items - 1)   # another catalogue
   with pytest.raises(ValueError, match="--item_tables=.* rows"):
     runner.stage1_tables(c, work, small, None, None)
+  partial = tmp_path / "partial.npz"
+  np.savez(partial, cf=got["cf"])
+  with pytest.raises(ValueError, match=r"--item_tables=.*missing arrays \['joint', 'text'\]"):
+    runner.load_stage1_tables(partial, suite.ds.num_items + 1, flag="item_tables")
 
 
 @pytest.mark.slow
