@@ -40,6 +40,7 @@ def _run_steps(process: int, count: int) -> dict:
   from configs import ml100k  # pylint: disable=import-outside-toplevel
   c = ml100k.get_config()
   c.stage2.num_candidates, c.stage2.num_history = 5, 3
+  c.stage2.len_bucket = 512     # one prompt length: one compiled step per process
   ds = prepare.prepare_dataset(c.data)
   gguf = assets.get_asset("smollm2-135m")
   tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

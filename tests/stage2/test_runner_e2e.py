@@ -21,8 +21,10 @@ def test_all_stages_tiny(tmp_path):
   c = ml100k.get_config()
   c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
   c.cf.num_epochs, c.cf.eval_every = 2, 1
+  c.cf.grad_splits = 1       # the same objective (tests/cf), a third of the CF compile time
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every = 3, 2
+  c.stage2.len_bucket = 512  # one prompt length: each training and evaluation one program
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
   c.eval.baselines = "cf,llm_only,mlp_llm,tallrec"   # the trained ones are opt-in elsewhere
   c.mesh.shape = (2, 1, 1)   # data parallel over 2 of the 8 devices: sharded, fewer copies
@@ -114,8 +116,10 @@ def test_long_config_layout_tiny(tmp_path):
   c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
   c.sbert.max_len = 32
   c.cf.num_epochs, c.cf.eval_every = 2, 1
+  c.cf.grad_splits = 1       # the same objective (tests/cf), a third of the CF compile time
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every, c.stage2.eval_every = 4, 2, 2
+  c.stage2.len_bucket = 512
   c.stage2.eval_users = 4
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
   c.eval.baselines = "cf"

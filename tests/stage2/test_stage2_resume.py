@@ -21,6 +21,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   c.stage2.user_match_weight, c.stage2.user_match_negatives = 0.5, "catalog"
   c.stage2.user_match_batch = 3
   c.stage2.train_lora = True
+  c.stage2.len_bucket = 512      # one prompt length: one compiled step
   ds = prepare.prepare_dataset(c.data)
   gguf = assets.get_asset("smollm2-135m")
   tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
