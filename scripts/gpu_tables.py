@@ -46,7 +46,9 @@ def _export(config, workdir: pathlib.Path, path: str) -> None:
 
 def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
   """Makes runner.stage1_tables return the .npz tables for `workdir` (checked against the
-  dataset's item count); other run folders compute theirs."""
+  dataset's item count); other run folders compute theirs. A missing or malformed file
+  fails here, before any model is loaded."""
+  runner.load_stage1_tables(path, None, KEYS, flag="item_tables")
   compute = runner.stage1_tables
   base = workdir.resolve()
 

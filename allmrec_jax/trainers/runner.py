@@ -642,18 +642,20 @@ def save_stage1_tables(config, workdir, path, keys=STAGE1_TABLE_KEYS) -> dict[st
   return tables
 
 
-def load_stage1_tables(path, num_rows: int, keys=STAGE1_TABLE_KEYS, flag: str = "tables"
-                       ) -> dict[str, np.ndarray]:
-  """The float32 item tables `keys` of a `save_stage1_tables` file, each checked to have
-  `num_rows` rows (the dataset's items + padding); a missing array or a wrong shape is a
-  one-line error naming `--flag=path`."""
+def load_stage1_tables(path, num_rows: int | None, keys=STAGE1_TABLE_KEYS,
+                       flag: str = "tables") -> dict[str, np.ndarray]:
+  """The float32 item tables `keys` of a `save_stage1_tables` file, each checked to be 2-D
+  with `num_rows` rows (the dataset's items + padding; None: any); a missing array or a
+  wrong shape is a one-line error naming `--flag=path`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--{flag}={path}: no such file")
   with np.load(path, allow_pickle=False) as f:
     missing = [k for k in keys if k not in f]
     if missing:
       raise ValueError(f"--{flag}={path}: missing arrays {missing} (has {sorted(f)})")
     tables = {k: np.asarray(f[k], np.float32) for k in keys}
   for k, t in tables.items():
-    if t.ndim != 2 or t.shape[0] != num_rows:
+    if t.ndim != 2 or num_rows not in (None, t.shape[0]):
       raise ValueError(f"--{flag}={path}: {k!r} has shape {t.shape}, expected "
                        f"[{num_rows} rows, dim] (this dataset's items + padding)")
   return tables

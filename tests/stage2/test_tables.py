@@ -146,7 +146,9 @@ def test_default_parts_tiny(tmp_path, monkeypatch):
   partial = tmp_path / "partial.npz"
   np.savez(partial, cf=got["cf"])
   with pytest.raises(ValueError, match=r"--item_tables=.*missing arrays \['joint', 'text'\]"):
-    runner.load_stage1_tables(partial, suite.ds.num_items + 1, flag="item_tables")
+    script._use_item_tables(work, str(partial))   # pylint: disable=protected-access
+  with pytest.raises(FileNotFoundError, match="--item_tables=.*nothing.npz: no such file"):
+    script._use_item_tables(work, str(tmp_path / "nothing.npz"))   # pylint: disable=protected-access
 
 
 @pytest.mark.slow
