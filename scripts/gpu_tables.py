@@ -48,14 +48,15 @@ def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
   """Makes runner.stage1_tables return the .npz tables for `workdir` (checked against the
   dataset's item count); other run folders compute theirs. A missing or malformed file
   fails here, before any model is loaded."""
-  runner.load_stage1_tables(path, None, KEYS, flag="item_tables")
+  saved = runner.load_stage1_tables(path, None, KEYS, flag="item_tables")
   compute = runner.stage1_tables
   base = workdir.resolve()
 
   def stage1_tables(config, wd, ds, cf_model, cf_params):
     if pathlib.Path(wd).resolve() != base:
       return compute(config, wd, ds, cf_model, cf_params)
-    return runner.load_stage1_tables(path, ds.num_items + 1, KEYS, flag="item_tables")
+    runner.check_stage1_tables(saved, ds.num_items + 1, f"--item_tables={path}")
+    return dict(saved)
   runner.stage1_tables = stage1_tables
 
 

@@ -654,11 +654,18 @@ def load_stage1_tables(path, num_rows: int | None, keys=STAGE1_TABLE_KEYS,
     if missing:
       raise ValueError(f"--{flag}={path}: missing arrays {missing} (has {sorted(f)})")
     tables = {k: np.asarray(f[k], np.float32) for k in keys}
+  check_stage1_tables(tables, num_rows, f"--{flag}={path}")
+  return tables
+
+
+def check_stage1_tables(tables: dict[str, np.ndarray], num_rows: int | None,
+                        source: str) -> None:
+  """Each table 2-D with `num_rows` rows (None: any); else a one-line error naming
+  `source`."""
   for k, t in tables.items():
     if t.ndim != 2 or num_rows not in (None, t.shape[0]):
-      raise ValueError(f"--{flag}={path}: {k!r} has shape {t.shape}, expected "
+      raise ValueError(f"{source}: {k!r} has shape {t.shape}, expected "
                        f"[{num_rows} rows, dim] (this dataset's items + padding)")
-  return tables
 
 
 def text_item_table(s1, config, ds) -> np.ndarray:
