@@ -52,7 +52,8 @@ Usage (one JSON line on stdout; errors as {"error": ...} with a non-zero exit):
 
 DIR for --data-dir holds `<dataset>.inter` and `<dataset>.item` (RecBole atomic files,
 --dataset ml-100k). Loading a GGUF file needs the `gguf` and `accelerate` packages
-(`pip install -e '.[bench]'`).
+(`pip install -e '.[bench]'`); it is converted once to a Hugging Face folder kept in
+--llm-cache (default `$ALLMREC_CACHE/torch_peer`, else `~/.cache/allmrec_jax/torch_peer`).
 """
 
 from __future__ import annotations
@@ -391,19 +392,58 @@ def cmd_stage1(args) -> dict:
 
 
 # -------------------------------------------------------------------------- stage 2
+def _converted_gguf(llm_dir: str, gguf: str, cache: str) -> str:
+  """A Hugging Face folder (float32 safetensors, tokenizer) converted from `gguf` once and
+  kept in `cache` under the file's sha256: transformers parses a GGUF file three times
+  (tokenizer, config, weights; ~30 s for SmolLM2-135M on a CPU), a saved folder loads in
+  a second. Written to a temporary folder and renamed, so a reader never sees half of it."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from transformers import AutoModelForCausalLM, AutoTokenizer  # pylint: disable=import-outside-toplevel
+  path = os.path.join(llm_dir, gguf)
+  if not os.path.isfile(path):
+    fail(f"--llm-gguf={gguf}: no such file in --llm-dir={llm_dir}")
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  out = os.path.join(cache, f"{os.path.splitext(gguf)[0]}-{digest.hexdigest()[:16]}")
+  if os.path.isfile(os.path.join(out, "config.json")):
+    return out
+  missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+  if missing:
+    fail(f"loading {gguf} with transformers needs {' and '.join(missing)} "
+         "(pip install -e '.[bench]')")
+  os.makedirs(cache, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=cache, prefix=".converting-")
+  try:
+    AutoTokenizer.from_pretrained(llm_dir, gguf_file=gguf).save_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, gguf_file=gguf, dtype=torch.float32)
+    # The weights are float32 already (dequantised on load); transformers still marks the
+    # model as GGUF-quantised and refuses to save it. Saved as the plain model it now is.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+      del model.config.quantization_config
+    model.save_pretrained(tmp)
+    try:
+      os.rename(tmp, out)
+    except OSError:              # another process converted it meanwhile: use theirs
+      if not os.path.isfile(os.path.join(out, "config.json")):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
 def load_llm(args):
   """(model, tokenizer): frozen, float32, the three special tokens added (llm4rec.py)."""
   llm_dir = os.path.expanduser(args.llm_dir)
-  kw = {}
   if args.llm_gguf:
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-      fail(f"loading {args.llm_gguf} with transformers needs {' and '.join(missing)} "
-           "(pip install -e '.[bench]')")
-    kw["gguf_file"] = args.llm_gguf
+    llm_dir = _converted_gguf(llm_dir, args.llm_gguf, os.path.expanduser(args.llm_cache))
   from transformers import AutoModelForCausalLM, AutoTokenizer
-  tokenizer = AutoTokenizer.from_pretrained(llm_dir, **kw)
-  model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32, **kw)
+  tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+  model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
   if tokenizer.pad_token is None:
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
   tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
@@ -603,6 +643,9 @@ def parse_args(argv=None):
     p.add_argument("--llm", default="smollm2", help="a label for the report")
     p.add_argument("--llm-dir", required=True, help="HF model folder, or the GGUF's folder")
     p.add_argument("--llm-gguf", default="", help="GGUF file name inside --llm-dir")
+    p.add_argument("--llm-cache", default=os.path.join(
+        os.environ.get("ALLMREC_CACHE", "~/.cache/allmrec_jax"), "torch_peer"),
+                   help="where a GGUF file's conversion to a Hugging Face folder is kept")
 
   p1 = sub.add_parser("stage1", help="pre_train_phase1 steps")
   common(p1, 60, 2, 5)

@@ -1,6 +1,9 @@
-"""A tiny end-to-end run through every stage (real MovieLens-100K and MiniLM, a tiny random
-Llama saved as a Hugging Face directory), then a rerun that skips the finished stages; the
-long config's stage 2 end to end (tiny SBERT)."""
+"""A tiny end-to-end run through every stage (real MovieLens-100K, a tiny random Llama and
+SBERT saved as Hugging Face directories with the real tokenizers), then a rerun that skips
+the finished stages; the long config's stage 2 end to end.
+
+The real MiniLM runs in stage 1 on MovieLens-100K in tests/stage1 (its numbers against
+sentence-transformers in tests/text); here it would only add its cost."""
 
 import json
 import subprocess
@@ -20,6 +23,8 @@ LLAMA = dict(hidden=32, inter=64, layers=2, heads=4, kv_heads=2)   # a tiny rand
 def test_all_stages_tiny(tmp_path):
   c = ml100k.get_config()
   c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
+  c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
+  c.sbert.max_len = 32
   c.cf.num_epochs, c.cf.eval_every = 2, 1
   c.cf.grad_splits = 1       # the same objective (tests/cf), a third of the CF compile time
   c.stage1.max_steps = 2
@@ -111,8 +116,6 @@ def test_long_config_layout_tiny(tmp_path):
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
   c = ml100k_long.get_config()
   c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
-  # A tiny SBERT (test_all_stages_tiny runs the real MiniLM): stage 1 embeds every item
-  # text several times, which MiniLM makes most of this test's time on a CPU.
   c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
   c.sbert.max_len = 32
   c.cf.num_epochs, c.cf.eval_every = 2, 1

@@ -6,10 +6,12 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import types
 
+import filelock
 import numpy as np
 import pytest
 
@@ -24,10 +26,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LLAMA = dict(hidden=32, inter=64, layers=2, heads=4, kv_heads=2)   # a tiny random Llama
 
 
-def _tiny(c, tmp_path):
-  """Tiny models and budgets: a run of every part in minutes on a CPU."""
-  c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
-  c.sbert.path = str(testing.write_tiny_sbert(tmp_path / "sbert"))
+def _tiny(c, tmp_path, write=True):
+  """Tiny models and budgets: a run of every part in minutes on a CPU (`write=False`: the
+  tiny models written to `tmp_path` before)."""
+  if write:
+    testing.write_tiny_llama(tmp_path / "llm", **LLAMA)
+    testing.write_tiny_sbert(tmp_path / "sbert")
+  c.llm.path, c.sbert.path = str(tmp_path / "llm"), str(tmp_path / "sbert")
   c.sbert.max_len = 32
   c.cf.num_epochs, c.cf.eval_every = 1, 1
   c.cf.grad_splits = 1             # the same objective as 4 row blocks, one quicker compile
@@ -49,13 +54,28 @@ def _check_rows(result, n_users):
     assert mrr >= 1 / 20, rec["model"]
 
 
-def _base_run(tmp_path):
-  """The tiny run every part starts from: CF and stage 1 finished on MovieLens-100K."""
-  c = _tiny(ml100k.get_config(), tmp_path)
+def _base_config(models_dir, write):
+  c = _tiny(ml100k.get_config(), models_dir, write)
   c.llm.matmul_dtype = c.sbert.matmul_dtype = ""
   c.stages = "cf,stage1"
+  return c
+
+
+def _base_run(tmp_path, tmp_path_factory, worker_id):
+  """The tiny run every part starts from: CF and stage 1 finished on MovieLens-100K.
+
+  Trained once per pytest run (the first of the tests below to get here trains it under a
+  file lock; under xdist the workers share the folder above their own temporary folders)
+  and copied into each test's folder, where its parts are added."""
+  base = tmp_path_factory.getbasetemp()
+  shared = (base if worker_id == "master" else base.parent) / "tables_base_run"
+  with filelock.FileLock(f"{shared}.lock"):
+    if not (shared / "run" / "stage1" / "FINISHED").exists():
+      shared.mkdir(exist_ok=True)
+      runner.train_and_evaluate(_base_config(shared, write=True), shared / "run")
+  c = _base_config(shared, write=False)
   work = tmp_path / "run"
-  runner.train_and_evaluate(c, work)
+  shutil.copytree(shared / "run", work, symlinks=True)
   return c, work
 
 
@@ -81,10 +101,10 @@ def _run_parts(suite, work, parts):
 
 
 @pytest.mark.slow
-def test_default_parts_tiny(tmp_path, monkeypatch):
+def test_default_parts_tiny(tmp_path, monkeypatch, tmp_path_factory, worker_id):
   """overall, cold_warm, efficiency (the default selection), then a rerun that reads
   every finished model back."""
-  c, work = _base_run(tmp_path)
+  c, work = _base_run(tmp_path, tmp_path_factory, worker_id)
   suite = _suite(c, work)
   got = _run_parts(suite, work, list(tables.DEFAULT_PARTS))
   assert (work / "tables" / "overall.png").stat().st_size > 1000
@@ -152,9 +172,9 @@ def test_default_parts_tiny(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_scenario_parts_tiny(tmp_path):
+def test_scenario_parts_tiny(tmp_path, tmp_path_factory, worker_id):
   """cold_users, few_shot and the MovieLens genre-split cross_domain."""
-  c, work = _base_run(tmp_path)
+  c, work = _base_run(tmp_path, tmp_path_factory, worker_id)
   got = _run_parts(_suite(c, work), work, ["cold_users", "few_shot", "cross_domain"])
   cu = got["cold_users"]
   assert cu["rows"][0]["all"]["users"] == c.data.num_cold_users
@@ -169,9 +189,9 @@ def test_scenario_parts_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_parts_tiny(tmp_path):
+def test_model_parts_tiny(tmp_path, tmp_path_factory, worker_id):
   """model_agnostic (a second backbone trained end to end) and the ablations."""
-  c, work = _base_run(tmp_path)
+  c, work = _base_run(tmp_path, tmp_path_factory, worker_id)
   got = _run_parts(_suite(c, work), work, ["model_agnostic", "ablations"])
   assert [r["model"] for r in got["model_agnostic"]["rows"]] == [
       "SASRec", "A-LLMRec (SASRec)", "NCF", "A-LLMRec (NCF)"]
