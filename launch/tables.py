@@ -33,6 +33,10 @@ _PARTS = flags.DEFINE_string("parts", ",".join(tables.DEFAULT_PARTS),
 _USERS = flags.DEFINE_integer("users", 0, "test users scored in every table (a seeded "
                               "subset; 0 = config.eval.max_users)")
 _FEW_SHOT = flags.DEFINE_list("few_shot", ["128", "256"], "K of the few-shot part")
+_FEW_SHOT_SCOPE = flags.DEFINE_enum(
+    "few_shot_scope", "stage2", list(tables.FEW_SHOT_SCOPES),
+    "what the few-shot part trains on the K users: stage2 (on the run's CF model and "
+    "stage 1) or all (the paper's: CF model, stage 1 and stage 2)")
 _BACKBONES = flags.DEFINE_list("backbones", list(tables.BACKBONES),
                                "CF backbones of the overall and model-agnostic parts")
 _OVERALL_LLM = flags.DEFINE_list("overall_llm", list(tables.OVERALL_LLM),
@@ -60,7 +64,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   suite = tables.Tables(config, _WORKDIR.value, users=_USERS.value, few_shot=few_shot,
-                        backbones=_BACKBONES.value,
+                        few_shot_scope=_FEW_SHOT_SCOPE.value, backbones=_BACKBONES.value,
                         efficiency_steps=_EFFICIENCY_STEPS.value,
                         cross_domain_target=_CROSS_TARGET.value,
                         overall_llm=_OVERALL_LLM.value)

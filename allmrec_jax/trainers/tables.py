@@ -12,7 +12,9 @@ candidates (the `eval.*` protocol of stage 2, `users` of them):
 - cold_users: users held out of every training stage, cut to 3 interactions (2 history,
   1 target; `data.num_cold_users` of them); CF, popularity, LLM-Only and A-LLMRec trained
   again without them;
-- few_shot: stage 2 (A-LLMRec, A-LLMRec (SBERT), TALLRec) trained on K seeded users only;
+- few_shot: stage 2 (A-LLMRec, A-LLMRec (SBERT), TALLRec) trained on K seeded users only
+  (`few_shot_scope="all"`: the CF model and stage 1 as well, the paper's setting, in which
+  the K-user CF model gets its own row);
 - cross_domain: trained on one domain and asked about another without fine-tuning; the
   target domain's items get their joint embedding from text (f_T^enc(SBERT(text))) and no
   user token (the CF model has never seen those items). MovieLens: two disjoint genre
@@ -54,6 +56,7 @@ from allmrec_jax.trainers import runner
 from allmrec_jax.trainers import stage1 as stage1_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
 
+FEW_SHOT_SCOPES = ("stage2", "all")
 PARTS = ("overall", "cold_warm", "cold_users", "few_shot", "cross_domain", "model_agnostic",
          "ablations", "efficiency")
 DEFAULT_PARTS = ("overall", "cold_warm", "efficiency")
@@ -167,6 +170,9 @@ class Tables:
     workdir: the run folder; its `cf` and `stage1` stages must be finished.
     users: test users scored in every table (a seeded subset; 0 = config.eval.max_users).
     few_shot: the K of the few-shot part.
+    few_shot_scope: what the few-shot part trains on the K users: "stage2" (stage 2 only,
+      on the run's CF model and stage 1) or "all" (the paper's setting: the CF model,
+      stage 1 and stage 2, in tables/few_shot<K>_all/, with that CF model's own row).
     backbones: CF backbones of the overall and model-agnostic parts.
     efficiency_steps: timed training steps per model in the efficiency part.
     cross_domain_target: Amazon target-domain dataset spec of the cross-domain part
@@ -176,10 +182,12 @@ class Tables:
   """
 
   def __init__(self, config, workdir, *, users: int = 0, few_shot=(128, 256),
-               backbones=tuple(BACKBONES), efficiency_steps: int = 20,
+               few_shot_scope: str = "stage2", backbones=tuple(BACKBONES), efficiency_steps: int = 20,
                cross_domain_target: str = "", overall_llm=OVERALL_LLM):
     self.workdir = pathlib.Path(workdir).expanduser()
     runner.validate_config(config)
+    if few_shot_scope not in FEW_SHOT_SCOPES:
+      raise ValueError(f"--few_shot_scope={few_shot_scope!r}: one of {list(FEW_SHOT_SCOPES)}")
     missing = [s for s in ("cf", "stage1") if s not in runner.finished_stages(self.workdir)]
     if missing:
       raise FileNotFoundError(f"{self.workdir}: stage(s) {', '.join(missing)} not finished; "
@@ -192,6 +200,7 @@ class Tables:
     if bad:
       raise ValueError(f"--overall_llm: unknown {bad}; known: {list(OVERALL_LLM)}")
     self.overall_llm = tuple(b for b in OVERALL_LLM if b in overall_llm)
+    self.few_shot_scope = few_shot_scope
     self.config = overridden(config, {"eval.max_users": users} if users else {})
     self.out = self.workdir / "tables"
     self.few_shot_k = tuple(int(k) for k in few_shot)
@@ -338,17 +347,27 @@ class Tables:
             "table": table, "rows": records}
 
   def few_shot_rows(self, k: int) -> list[Row]:
-    users = scenarios.few_shot_users(self.ds, k, seed=int(self.config.seed))
-    run_fn = lambda: self.stage2_run("base")
-    rows = []
+    seed = int(self.config.seed)
+    users = scenarios.few_shot_users(self.ds, k, seed=seed)
+    if self.few_shot_scope == "stage2":       # the run's CF model and stage 1, stage 2 on K
+      name, train_users, rows = "base", users, []
+      run_fn = lambda: self.stage2_run("base")
+    else:                                     # the paper's: every stage on the K users
+      name, train_users = f"few_shot{k}_all", None
+      ds_k = scenarios.subset_users(self.ds, users, name=f"{self.ds.name}-fewshot{k}-s{seed}")
+      wd = self._prepare_variant(name, self.config, ds_k, ["cf", "stage1"])
+      model, params = cf_lib.load_trained_cf(self.config, wd, ds_k)
+      rows = [_scored_row(f"{BACKBONES[self.config.cf.model]} (K={k})", self.es,
+                          eval_lib.cf_scores(model, {"params": params}, self.es))]
+      run_fn = lambda: self.stage2_run(name, workdir=wd, ds=ds_k)
     for key, label, source, soft in (("tallrec", "TALLRec", None, False),
                                      ("allmrec", "A-LLMRec", None, True),
                                      ("sbert", "A-LLMRec (SBERT)", "text", True)):
       rows.append(self._llm_row(
-          "base", f"few_shot{k}_{key}", f"{label} (K={k})", run_fn,
+          name, f"few_shot{k}_{key}", f"{label} (K={k})", run_fn,
           functools.partial(runner.evaluate_variant, key=f"few_shot{k}_{key}",
                             label=f"{label} K={k}", folder=f"stage2_few_shot{k}_{key}",
-                            source=source, soft=soft, users=users)))
+                            source=source, soft=soft, users=train_users)))
     return rows
 
   def few_shot(self) -> dict:
@@ -356,8 +375,10 @@ class Tables:
     for k in self.few_shot_k:
       rows += self.few_shot_rows(k)
     table, records = metric_table(rows)
-    return {"title": "Few-shot: stage 2 trained on K seeded users (CF model and stage 1 "
-                     "of the run)", "table": table, "rows": records}
+    title = ("Few-shot: stage 2 trained on K seeded users (CF model and stage 1 of the run)"
+             if self.few_shot_scope == "stage2" else
+             "Few-shot: CF model, stage 1 and stage 2 trained on K seeded users only")
+    return {"title": title, "table": table, "rows": records}
 
   def _cross_domain_datasets(self):
     """(source run config, source workdir, source ds, target ds)."""

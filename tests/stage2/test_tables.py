@@ -186,6 +186,16 @@ def test_scenario_parts_tiny(tmp_path, tmp_path_factory, worker_id):
   assert (work / "stage2_few_shot16_allmrec" / "ckpt").is_dir()
   assert [r["model"] for r in got["cross_domain"]["rows"]] == [
       "popularity", "LLM-Only", "TALLRec", "A-LLMRec", "A-LLMRec (SBERT)"]
+  # The paper's few-shot: CF model, stage 1 and stage 2 all trained on the K users only.
+  paper = tables.Tables(c, work, users=4, few_shot=(16,), few_shot_scope="all")
+  shot = _run_parts(paper, work, ["few_shot"])["few_shot"]
+  assert [r["model"] for r in shot["rows"]] == [
+      "SASRec (all users)", "SASRec (K=16)", "TALLRec (K=16)", "A-LLMRec (K=16)",
+      "A-LLMRec (SBERT) (K=16)"]
+  variant = work / "tables" / "few_shot16_all"
+  assert json.loads((variant / "cf" / "metrics.json").read_text())["test/num_users"] == 16
+  assert (variant / "stage1" / "FINISHED").exists()
+  assert (variant / "stage2_few_shot16_allmrec" / "ckpt").is_dir()
 
 
 @pytest.mark.slow
@@ -252,6 +262,8 @@ def test_bad_input(tmp_path):
   c = ml100k.get_config()
   with pytest.raises(FileNotFoundError, match="cf, stage1 not finished"):
     tables.Tables(c, tmp_path / "nothing")
+  with pytest.raises(ValueError, match="--few_shot_scope='cf': one of"):
+    tables.Tables(c, tmp_path / "nothing", few_shot_scope="cf")
   out = subprocess.run([sys.executable, "launch/tables.py", "--config=configs/ml100k.py",
                         f"--workdir={tmp_path}", "--parts=overall,bogus"],
                        capture_output=True, text=True, check=False)
