@@ -60,11 +60,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -397,10 +400,7 @@ def _converted_gguf(llm_dir: str, gguf: str, cache: str) -> str:
   kept in `cache` under the file's sha256: transformers parses a GGUF file three times
   (tokenizer, config, weights; ~30 s for SmolLM2-135M on a CPU), a saved folder loads in
   a second. Written to a temporary folder and renamed, so a reader never sees half of it."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-  from transformers import AutoModelForCausalLM, AutoTokenizer  # pylint: disable=import-outside-toplevel
+  from transformers import AutoModelForCausalLM, AutoTokenizer
   path = os.path.join(llm_dir, gguf)
   if not os.path.isfile(path):
     fail(f"--llm-gguf={gguf}: no such file in --llm-dir={llm_dir}")

@@ -182,7 +182,8 @@ class Tables:
   """
 
   def __init__(self, config, workdir, *, users: int = 0, few_shot=(128, 256),
-               few_shot_scope: str = "stage2", backbones=tuple(BACKBONES), efficiency_steps: int = 20,
+               few_shot_scope: str = "stage2", backbones=tuple(BACKBONES),
+               efficiency_steps: int = 20,
                cross_domain_target: str = "", overall_llm=OVERALL_LLM):
     self.workdir = pathlib.Path(workdir).expanduser()
     runner.validate_config(config)

@@ -173,7 +173,8 @@ def test_default_parts_tiny(tmp_path, monkeypatch, tmp_path_factory, worker_id):
 
 @pytest.mark.slow
 def test_scenario_parts_tiny(tmp_path, tmp_path_factory, worker_id):
-  """cold_users, few_shot and the MovieLens genre-split cross_domain."""
+  """cold_users, few_shot (stage 2 on the K users, then the paper's scope: every stage on
+  them) and the MovieLens genre-split cross_domain."""
   c, work = _base_run(tmp_path, tmp_path_factory, worker_id)
   got = _run_parts(_suite(c, work), work, ["cold_users", "few_shot", "cross_domain"])
   cu = got["cold_users"]
