@@ -290,9 +290,13 @@ class Tables:
 
   def cf_row(self, backbone: str, label: str | None = None) -> Row:
     config, wd = self._cf_backbone(backbone)
-    model, params = cf_lib.load_trained_cf(config, wd, self.ds)
-    return _scored_row(label or BACKBONES[backbone], self.es,
-                       eval_lib.cf_scores(model, {"params": params}, self.es))
+    return self._trained_cf_row(label or BACKBONES[backbone], config, wd, self.ds)
+
+  def _trained_cf_row(self, label: str, config, wd, ds, es=None) -> Row:
+    """The CF model trained in `wd` on `ds`, scored on `es` (default: the suite's users)."""
+    es = self.es if es is None else es
+    model, params = cf_lib.load_trained_cf(config, wd, ds)
+    return _scored_row(label, es, eval_lib.cf_scores(model, {"params": params}, es))
 
   def popularity_row(self, ds=None, es=None) -> Row:
     es = self.es if es is None else es
@@ -335,10 +339,9 @@ class Tables:
     users = split.held_out_users if split.held_out_users.size else arrays["user"]
     es = eval_lib.eval_set(users, arrays["seq"], arrays["history"], arrays["candidates"],
                            self.config.data.candidate_seed)
-    model, params = cf_lib.load_trained_cf(self.config, wd, split.train)
     run_fn = lambda: self.stage2_run("cold_users", workdir=wd, ds=split.train, es=es)
-    rows = [_scored_row(BACKBONES[self.config.cf.model], es,
-                        eval_lib.cf_scores(model, {"params": params}, es)),
+    rows = [self._trained_cf_row(BACKBONES[self.config.cf.model], self.config, wd,
+                                 split.train, es),
             self.popularity_row(split.train, es),
             self._baseline_row("cold_users", "llm_only", run_fn),
             self._allmrec_row("cold_users", "A-LLMRec", run_fn)]
@@ -357,9 +360,8 @@ class Tables:
       name, train_users = f"few_shot{k}_all", None
       ds_k = scenarios.subset_users(self.ds, users, name=f"{self.ds.name}-fewshot{k}-s{seed}")
       wd = self._prepare_variant(name, self.config, ds_k, ["cf", "stage1"])
-      model, params = cf_lib.load_trained_cf(self.config, wd, ds_k)
-      rows = [_scored_row(f"{BACKBONES[self.config.cf.model]} (K={k})", self.es,
-                          eval_lib.cf_scores(model, {"params": params}, self.es))]
+      rows = [self._trained_cf_row(f"{BACKBONES[self.config.cf.model]} (K={k})",
+                                   self.config, wd, ds_k)]
       run_fn = lambda: self.stage2_run(name, workdir=wd, ds=ds_k)
     for key, label, source, soft in (("tallrec", "TALLRec", None, False),
                                      ("allmrec", "A-LLMRec", None, True),
