@@ -48,6 +48,10 @@ _CROSS_TARGET = flags.DEFINE_string(
     "cross_domain_target", "", "cross-domain target dataset spec, e.g. "
     "amazon2018:DIR:Video_Games for a run on Movies_and_TV (\"\" = the MovieLens genre "
     "split of the run's dataset)")
+_CROSS_USER = flags.DEFINE_enum(
+    "cross_domain_user", "none", list(tables.CROSS_DOMAIN_USERS),
+    "x_u of the cross-domain target users: none (no user token) or decoded (the source CF "
+    "model over stage 1's text-decoded item embeddings; not NCF)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -67,6 +71,7 @@ def main(argv):
                         few_shot_scope=_FEW_SHOT_SCOPE.value, backbones=_BACKBONES.value,
                         efficiency_steps=_EFFICIENCY_STEPS.value,
                         cross_domain_target=_CROSS_TARGET.value,
+                        cross_domain_user=_CROSS_USER.value,
                         overall_llm=_OVERALL_LLM.value)
   command = "allmrec-tables " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   doc = suite.run(parts, command=command)

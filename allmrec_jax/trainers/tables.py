@@ -16,9 +16,11 @@ candidates (the `eval.*` protocol of stage 2, `users` of them):
   (`few_shot_scope="all"`: the CF model and stage 1 as well, the paper's setting, in which
   the K-user CF model gets its own row);
 - cross_domain: trained on one domain and asked about another without fine-tuning; the
-  target domain's items get their joint embedding from text (f_T^enc(SBERT(text))) and no
-  user token (the CF model has never seen those items). MovieLens: two disjoint genre
-  groups of the run's dataset; Amazon: the run's category -> `cross_domain_target`;
+  target domain's items get their joint embedding from text (f_T^enc(SBERT(text))); the
+  CF model has never seen those items, so by default the models run without the user
+  token (`cross_domain_user="decoded"`: x_u from the source CF model over stage 1's
+  f_I^dec of those joint embeddings). MovieLens: two disjoint genre groups of the run's
+  dataset; Amazon: the run's category -> `cross_domain_target`;
 - model_agnostic: A-LLMRec on each CF backbone (CF, stage 1 and stage 2 trained again);
 - ablations: stage 1 without the matching / reconstruction / rec loss and with SBERT
   frozen (stage 1 and 2 trained again on the run's CF model); stage 2 without the user
@@ -57,6 +59,10 @@ from allmrec_jax.trainers import stage1 as stage1_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
 
 FEW_SHOT_SCOPES = ("stage2", "all")
+# x_u of the cross-domain target users: "none" (no user token: the source CF model has
+# never seen a target item) or "decoded" (the source CF model over stage 1's
+# reconstruction f_I^dec(f_T^enc(SBERT(text))) of the target's item embeddings).
+CROSS_DOMAIN_USERS = ("none", "decoded")
 PARTS = ("overall", "cold_warm", "cold_users", "few_shot", "cross_domain", "model_agnostic",
          "ablations", "efficiency")
 DEFAULT_PARTS = ("overall", "cold_warm", "efficiency")
@@ -162,6 +168,22 @@ def metric_table(rows: list[Row], masks: dict[str, np.ndarray | None] | None = N
   return _md_table(header, lines), records
 
 
+def decoded_user_representations(config, cf_params, s1, text_joint: np.ndarray, ds,
+                                 seq: np.ndarray) -> np.ndarray:
+  """float32[X, D] x_u of histories `seq` over `ds`'s items, which the CF model (trained on
+  another catalogue, `cf_params`) has never seen: its item table is replaced by stage 1's
+  reconstruction f_I^dec(e) of their text-derived joint embeddings e = `text_joint`
+  (float[N+1, latent], `runner.text_item_table`), row 0 (padding) kept at zero."""
+  ae = s1.models.item_ae
+  decoded = np.array(ae.apply({"params": s1.params["item_ae"]}, text_joint,
+                              method=ae.decode), np.float32)
+  decoded[0] = 0.0
+  model = cf_lib.make_model(config, ds.num_items)
+  params = dict(cf_params)
+  params["item_emb"] = {**params["item_emb"], "embedding": decoded}
+  return stage2_lib.user_representations(model, {"params": params}, seq)
+
+
 class Tables:
   """The parts of the paper's evaluation on one finished run (see the module docstring).
 
@@ -177,6 +199,7 @@ class Tables:
     efficiency_steps: timed training steps per model in the efficiency part.
     cross_domain_target: Amazon target-domain dataset spec of the cross-domain part
       ("" = the MovieLens genre split of the run's own dataset).
+    cross_domain_user: the target users' x_u in the cross-domain part (CROSS_DOMAIN_USERS).
     overall_llm: the LLM baselines of the overall and cold / warm parts (a subset of
       OVERALL_LLM: each trained one is a stage-2 training).
   """
@@ -184,11 +207,18 @@ class Tables:
   def __init__(self, config, workdir, *, users: int = 0, few_shot=(128, 256),
                few_shot_scope: str = "stage2", backbones=tuple(BACKBONES),
                efficiency_steps: int = 20,
-               cross_domain_target: str = "", overall_llm=OVERALL_LLM):
+               cross_domain_target: str = "", cross_domain_user: str = "none",
+               overall_llm=OVERALL_LLM):
     self.workdir = pathlib.Path(workdir).expanduser()
     runner.validate_config(config)
     if few_shot_scope not in FEW_SHOT_SCOPES:
       raise ValueError(f"--few_shot_scope={few_shot_scope!r}: one of {list(FEW_SHOT_SCOPES)}")
+    if cross_domain_user not in CROSS_DOMAIN_USERS:
+      raise ValueError(f"--cross_domain_user={cross_domain_user!r}: one of "
+                       f"{list(CROSS_DOMAIN_USERS)}")
+    if cross_domain_user == "decoded" and config.cf.model == "ncf":
+      raise ValueError("--cross_domain_user=decoded: NCF's user side has its own item table "
+                       "(user_item_emb) that stage 1 does not reconstruct; use none")
     missing = [s for s in ("cf", "stage1") if s not in runner.finished_stages(self.workdir)]
     if missing:
       raise FileNotFoundError(f"{self.workdir}: stage(s) {', '.join(missing)} not finished; "
@@ -208,6 +238,7 @@ class Tables:
     self.backbones = tuple(backbones)
     self.efficiency_steps = int(efficiency_steps)
     self.cross_domain_target = cross_domain_target
+    self.cross_domain_user = cross_domain_user
     self.ds = prepare.prepare_dataset(self.config.data)
     self.mesh = sharding.make_mesh(tuple(self.config.mesh.shape))
     self.rules = sharding.axis_rules(self.config.mesh.logical_axis_rules)
@@ -404,15 +435,17 @@ class Tables:
     tgt_run = lambda: self._target_run(config, wd, src, tgt, es)
     rows = [self.popularity_row(tgt, es),
             self._baseline_row(name, "llm_only", tgt_run)]
+    use_user = self.cross_domain_user != "none"
+    suffix = "" if not use_user else f"_{self.cross_domain_user}_user"
     for key, label, folder, source, soft in (
         ("tallrec", "TALLRec", "stage2_tallrec", None, False),
-        ("allmrec", "A-LLMRec", "stage2", None, True),
-        ("sbert", "A-LLMRec (SBERT)", "stage2_sbert", "text", True)):
+        ("allmrec" + suffix, "A-LLMRec", "stage2", None, True),
+        ("sbert" + suffix, "A-LLMRec (SBERT)", "stage2_sbert", "text", True)):
 
       def evaluate(run, folder=folder, source=source, soft=soft, label=label, key=key):
         params, _ = src_run().train_variant(folder, source or run.cfg.item_source,
                                             soft=soft)
-        ev = (run.evaluator(run.tables["text"], params, use_user=False) if soft else
+        ev = (run.evaluator(run.tables["text"], params, use_user=use_user) if soft else
               run.evaluator(proj_params=params, soft=False))
 
         def score(_, ev=ev, label=label):
@@ -421,19 +454,23 @@ class Tables:
         run.evaluated(key, label, score)
       rows.append(self._llm_row(name, key, label, tgt_run, evaluate))
     table, records = metric_table(rows)
+    user = ("no user token" if not use_user else
+            "x_u is the source CF model over stage 1's text-decoded item embeddings")
     return {"title": f"Cross-domain: trained on {src.name}, asked about {tgt.name} "
                      f"({len(es.users)} users) without fine-tuning; the target's items get "
-                     "their joint embedding from text and no user token",
+                     f"their joint embedding from text; {user}",
             "table": table, "rows": records}
 
   def _target_run(self, config, wd, src, tgt, es) -> runner.Stage2Run:
     """A Stage2Run over the cross-domain target: its titles and prompts, the source run's
     stage 1 applied to the target's item texts (standardised like the source's F_I input
-    when configured), x_u = 0 (the models run without the user token there)."""
+    when configured); x_u per `cross_domain_user` (zeros with "none": the models then run
+    without the user token)."""
     if "cross_domain" in self._runs:
       return self._runs["cross_domain"]
     cf_model, cf_params = cf_lib.load_trained_cf(config, wd, src)
-    text = runner.text_item_table(stage1_lib.load_trained_stage1(config, wd), config, tgt)
+    s1 = stage1_lib.load_trained_stage1(config, wd)
+    text = runner.text_item_table(s1, config, tgt)
     cfg = config_lib.Stage2Config.from_config(config)
     table = runner.item_table_for("text", {"text": text}, config.seed,
                                   standardize=cfg.item_standardize)
@@ -442,8 +479,11 @@ class Tables:
                            mesh=self.mesh, rules=self.rules, eval_users=False,
                            loaded=self.loaded)
     run.es = es
-    dim = run.user_representations(np.zeros((1, config.data.maxlen), np.int32)).shape[1]
-    run.user_rep = np.zeros((len(es.users), dim), np.float32)
+    if self.cross_domain_user == "decoded":
+      run.user_rep = decoded_user_representations(config, cf_params, s1, text, tgt, es.seq)
+    else:
+      dim = run.user_representations(np.zeros((1, config.data.maxlen), np.int32)).shape[1]
+      run.user_rep = np.zeros((len(es.users), dim), np.float32)
     run.eval_dir = self.out / "eval" / "cross_domain"
     self._runs["cross_domain"] = run
     return run

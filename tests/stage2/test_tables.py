@@ -254,6 +254,24 @@ def test_cross_domain_amazon_pair(tmp_path):
   # The answers are about the target domain's prompts (its titles are games).
   assert len(texts["rank"]) == 4
   assert (work / "stage2" / "ckpt").is_dir()          # trained on the source category
+  # --cross_domain_user=decoded: x_u from the source CF model over stage 1's decoding of the
+  # target items' text embeddings; the models trained on the source are reused and only the
+  # two soft-prompt rows are evaluated again.
+  evals = work / "tables" / "eval" / "cross_domain"
+  stamps = {p.name: p.stat().st_mtime_ns for p in evals.glob("*.json")}
+  decoded = tables.Tables(c, work, users=4, cross_domain_user="decoded",
+                          cross_domain_target=f"amazon2018:{raw}:Video_Games")
+  decoded.run(["cross_domain"])
+  xd2 = json.loads((work / "tables" / "cross_domain.json").read_text())
+  assert "text-decoded item embeddings" in xd2["title"]
+  _check_rows(xd2, 4)
+  assert xd2["rows"][:3] == xd["rows"][:3]            # popularity, LLM-Only, TALLRec
+  assert {p.name: p.stat().st_mtime_ns for p in evals.glob("*.json")
+          if p.name in stamps} == stamps
+  assert {"allmrec_decoded_user.json", "sbert_decoded_user.json"} <= {
+      p.name for p in evals.glob("*.json")}
+  x_u = decoded._runs["cross_domain"].user_rep        # pylint: disable=protected-access
+  assert x_u.shape[0] == 4 and np.isfinite(x_u).all() and np.ptp(x_u, axis=0).max() > 0
 
 
 def test_bad_input(tmp_path):
@@ -265,6 +283,12 @@ def test_bad_input(tmp_path):
     tables.Tables(c, tmp_path / "nothing")
   with pytest.raises(ValueError, match="--few_shot_scope='cf': one of"):
     tables.Tables(c, tmp_path / "nothing", few_shot_scope="cf")
+  with pytest.raises(ValueError, match="--cross_domain_user='cf': one of"):
+    tables.Tables(c, tmp_path / "nothing", cross_domain_user="cf")
+  ncf = ml100k.get_config()
+  ncf.cf.model = "ncf"
+  with pytest.raises(ValueError, match="--cross_domain_user=decoded: NCF"):
+    tables.Tables(ncf, tmp_path / "nothing", cross_domain_user="decoded")
   out = subprocess.run([sys.executable, "launch/tables.py", "--config=configs/ml100k.py",
                         f"--workdir={tmp_path}", "--parts=overall,bogus"],
                        capture_output=True, text=True, check=False)
