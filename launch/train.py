@@ -67,9 +67,10 @@ def main(argv):
   config = _CONFIG.value
   metrics = runner.train_and_evaluate(config, _WORKDIR.value)
   if "stage2" in str(config.stages):      # the test table of A-LLMRec and its baselines
-    print(runner.results_table(
-        metrics, [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()],
-        f"{config.eval.split}/"))
+    baselines = [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()]
+    prefix = f"{config.eval.split}/"
+    print(runner.results_table(metrics, baselines, prefix))
+    print(runner.reading(metrics, baselines, prefix, config))
 
 
 def run():

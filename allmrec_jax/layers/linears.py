@@ -16,6 +16,27 @@ from allmrec_jax import common_types as ct
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+def cpu_has_bf16_matmul() -> bool:
+  """True when this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = f.read()
+  except OSError:
+    return False
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_matmul_dtype(matmul_dtype: str | None) -> str:
+  """The matmul operand dtype a `*.matmul_dtype` setting means on this host: "auto" =
+  "bfloat16" on an accelerator or a CPU with native bfloat16 matmuls, else "" (the
+  compute dtype: on an AVX2-only CPU bfloat16 operands are slower than float32)."""
+  if matmul_dtype != "auto":
+    return matmul_dtype or ""
+  if jax.default_backend() != "cpu" or cpu_has_bf16_matmul():
+    return "bfloat16"
+  return ""
+
+
 def is_low_precision(matmul_dtype, dtype) -> bool:
   """True when `matmul_dtype` is set and differs from the compute `dtype`."""
   return bool(matmul_dtype) and jnp.dtype(matmul_dtype) != jnp.dtype(dtype)

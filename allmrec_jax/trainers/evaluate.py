@@ -279,15 +279,30 @@ def target_loss(result: dict[str, Any]) -> float:
   return float(-np.mean(result["scores_lnorm"][:, 0]))
 
 
-DIAGNOSTICS = ("user_shuffled", "items_permuted")
+DIAGNOSTICS = ("user_shuffled", "context_shuffled", "items_permuted")
+
+
+def shuffle_cycle(n: int, seed: int) -> np.ndarray:
+  """int[n]: a seeded permutation made of one cycle, so that no row keeps its own index
+  (n >= 2)."""
+  cycle = np.random.default_rng(seed).permutation(n)
+  perm = np.empty(n, np.int64)
+  perm[cycle] = np.roll(cycle, 1)
+  return perm
 
 
 def soft_token_diagnostics(ev: LLMEvaluator, es: EvalSet, user_rep: np.ndarray, prefix: str,
                            seed: int, true_metrics: dict[str, float] | None = None,
                            which: tuple[str, ...] = DIAGNOSTICS) -> dict[str, float]:
-  """Does the model use its soft tokens? Ranking hit@1 / MRR and the target loss with the
-  true inputs, with x_u shuffled across users (one seeded random cycle, so no user keeps
-  its own) and with each prompt's item tokens permuted among its slots.
+  """Does the model use what it is told about the user? Ranking hit@1 / MRR and the target
+  loss with the true inputs and with one perturbation each:
+
+  - user_shuffled: x_u taken from another user (one seeded random cycle, so no user keeps
+    its own); the history in the prompt is still the user's.
+  - context_shuffled: the whole user context from that other user: x_u AND the prompt's
+    history (titles and their item tokens); only the candidates stay. What is left is what
+    the candidates alone tell (a popularity-like prior).
+  - items_permuted: each prompt's item tokens permuted among its slots.
 
   `true_metrics` = {"hit@1", "mrr", "loss"} of the same evaluation, when already known
   (skips that pass); `which` selects the perturbations.
@@ -296,21 +311,21 @@ def soft_token_diagnostics(ev: LLMEvaluator, es: EvalSet, user_rep: np.ndarray, 
   if unknown:
     raise ValueError(f"config.eval.diagnostics: unknown {sorted(unknown)}; known: "
                      f"{list(DIAGNOSTICS)}")
-  n = len(es.users)
-  cycle = np.random.default_rng(seed).permutation(n)
-  perm = np.empty(n, np.int64)
-  perm[cycle] = np.roll(cycle, 1)
+  perm = shuffle_cycle(len(es.users), seed)
+  context = EvalSet(es.users, es.seq[perm], es.history[perm], es.candidates, es.order)
+  inputs = {"user_shuffled": (es, user_rep[perm], None),
+            "context_shuffled": (context, user_rep[perm], None),
+            "items_permuted": (es, user_rep, seed)}
   out = {}
-  runs = [(f"_{w}", user_rep[perm] if w == "user_shuffled" else user_rep,
-           seed if w == "items_permuted" else None) for w in DIAGNOSTICS if w in which]
+  runs = [(f"_{w}", *inputs[w]) for w in DIAGNOSTICS if w in which]
   if true_metrics is None:
-    runs.insert(0, ("", user_rep, None))
+    runs.insert(0, ("", es, user_rep, None))
   else:
     out.update({f"{prefix}{k}": float(v) for k, v in true_metrics.items()})
-  for name, rep, permute in runs:
+  for name, rows, rep, permute in runs:
     ev.permute_items_seed = permute
     try:
-      res = ev.evaluate(es, rep, generate=False, desc=f"diag{name}")
+      res = ev.evaluate(rows, rep, generate=False, desc=f"diag{name}")
     finally:
       ev.permute_items_seed = None
     m = ranking_metrics(res["scores"], "")

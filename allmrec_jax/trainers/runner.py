@@ -546,7 +546,8 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
   write_results(workdir / "results.md", metrics, baselines, prefix, run.es, run.builder, ds,
-                run.examples, run.ecfg.num_examples, genre=run.genre_answers)
+                run.examples, run.ecfg.num_examples, genre=run.genre_answers,
+                config=config)
   return metrics
 
 
@@ -562,18 +563,60 @@ def results_table(metrics: dict, baselines: list[str], prefix: str) -> str:
   return "\n".join(lines)
 
 
+def paper_deviations(config) -> list[str]:
+  """`section.field=value` of every stage-2 / LLM field where `config` differs from the
+  paper's values (configs/base.py): which variant ran."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  paper = base.get_base_config()
+  out = []
+  for section in ("stage2", "llm"):
+    for k, v in config[section].items():
+      if k in ("eval_every", "eval_users", "log_every", "ckpt_every", "path", "remat",
+               "matmul_dtype") or k not in paper[section]:
+        continue
+      if v != paper[section][k]:
+        out.append(f"{section}.{k}={v}")
+  return out
+
+
+def reading(metrics: dict, baselines: list[str], prefix: str, config) -> str:
+  """Two or three lines that say what the table means: chance, the popularity count, the
+  x_u- and context-shuffle checks, and which variant ran."""
+  num_c = 20
+  lines = [f"Chance is hit@1 {1 / num_c:.2f} (the target among {num_c} candidates)"]
+  pop = metrics.get(f"baselines/popularity/{prefix}hit@1")
+  lines[0] += (f"; ranking by popularity count alone gives {pop:.3f}." if pop is not None
+               else ".")
+  diag = f"diag/{prefix}hit@1"
+  if diag in metrics:
+    parts = [f"{metrics[diag]:.3f} with the user's own x_u"]
+    for suffix, what in (("_user_shuffled", "another user's x_u"),
+                         ("_context_shuffled", "another user's x_u and history")):
+      if diag + suffix in metrics:
+        parts.append(f"{metrics[diag + suffix]:.3f} with {what} "
+                     f"(drop {metrics[diag] - metrics[diag + suffix]:.3f})")
+    lines.append("A-LLMRec reads its user: hit@1 " + ", ".join(parts) + ".")
+  dev = paper_deviations(config)
+  lines.append("Variant: " + ("the paper's (configs/base.py)." if not dev else
+                              "the paper's except " + ", ".join(dev) + "."))
+  return "\n".join(lines)
+
+
 TEXT_ONLY = ("LLM-Only", "TALLRec")     # models whose prompts carry no soft token
 
 
 def write_results(path: pathlib.Path, metrics, baselines, prefix, es, builder, ds, examples,
-                  num_examples: int, genre: dict | None = None):
+                  num_examples: int, genre: dict | None = None, config=None):
   parts = [f"# A-LLMRec results ({ds.name}, {int(metrics['eval/num_users'])} users, "
            f"20 candidates)", "", results_table(metrics, baselines, prefix), ""]
+  if config is not None:
+    parts += [reading(metrics, baselines, prefix, config), ""]
   diag = f"diag/{prefix}"
   if f"{diag}hit@1" in metrics:
     parts += ["## Does A-LLMRec use its soft tokens? (ranking, same users)", "",
               "| input | hit@1 | MRR | target loss |", "|---|---|---|---|"]
     for label, suffix in (("true", ""), ("x_u shuffled across users", "_user_shuffled"),
+                          ("x_u and history shuffled across users", "_context_shuffled"),
                           ("item tokens permuted", "_items_permuted")):
       if diag + "hit@1" + suffix not in metrics:
         continue

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allmrec_jax import sharding as shd
+from allmrec_jax.layers import linears
 from allmrec_jax.models import llm as llm_models
 from allmrec_jax.weights import gguf as gguf_lib
 from allmrec_jax.weights import hf as hf_lib
@@ -284,13 +285,15 @@ def load_llm(path_or_name=None, dtype: str = "float32", mesh=None, rules=None,
     matmul_dtype: "" = matmuls in `dtype`; "bfloat16" with dtype "float32" = the dense
       layers' and LM head's matmul operands rounded to bfloat16 with float32 accumulation
       (weights, norms, softmax and the residual stream stay float32); the paper runs its
-      OPT-6.7B in float16.
+      OPT-6.7B in float16; "auto" = bfloat16 where the host multiplies it natively
+      (`layers.linears.resolve_matmul_dtype`).
     lora_rank, lora_alpha, lora_targets: the shape of LoRA adapters the decoder reads when a
       "lora" collection is passed (models/lora.py); the loaded weights are unchanged.
   """
   path = resolve_path(path_or_name)
   config, source, gguf_file = read_config(path, dtype, remat=remat,
-                                          matmul_dtype=matmul_dtype or "",
+                                          matmul_dtype=linears.resolve_matmul_dtype(
+                                              matmul_dtype),
                                           lora_rank=int(lora_rank),
                                           lora_alpha=float(lora_alpha),
                                           lora_targets=tuple(lora_targets))

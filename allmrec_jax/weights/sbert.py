@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from allmrec_jax import sharding as shd
+from allmrec_jax.layers import linears
 from allmrec_jax.models.text import bert
 from allmrec_jax.weights import hf as hf_lib
 
@@ -170,7 +171,8 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
     matmul_dtype: "" = matmuls in `dtype`; "bfloat16" with dtype "float32" = the dense
       layers' matmul operands rounded to bfloat16 with float32 accumulation (everything
       else, weights and optimizer state included, stays float32); see
-      `layers.linears.low_precision_dot_general`.
+      `layers.linears.low_precision_dot_general`; "auto" = bfloat16 where the host
+      multiplies it natively (`layers.linears.resolve_matmul_dtype`).
 
   Returns:
     LoadedSBERT(module, params, tokenizer, pooling_info) (unpacks as a 4-tuple).
@@ -187,7 +189,8 @@ def load_sbert(path: str | pathlib.Path | None = None, dtype: str = "float32",
   info["normalize_in_model"] = info["normalize"]
   info["normalize"] = resolve_normalize(normalize, info["normalize"])
   cfg = bert.BertConfig.from_hf(hf, pooling=info["pooling"], normalize=info["normalize"],
-                                dtype=dtype, param_dtype=dtype, matmul_dtype=matmul_dtype)
+                                dtype=dtype, param_dtype=dtype,
+                                matmul_dtype=linears.resolve_matmul_dtype(matmul_dtype))
   module = bert.BertEncoder(cfg)
 
   ids = jnp.zeros((1, 2), jnp.int32)
