@@ -14,6 +14,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def as_list(value: Any) -> list[str]:
+  """A list-valued config field as a list: "a, b,c" -> ["a", "b", "c"] (blank items
+  dropped; "" -> []); a list or tuple is taken as it is, each item stripped. The one
+  parser of `stages`, `eval.baselines`, `eval.diagnostics` and `llm.lora_targets`."""
+  items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+  return [s for s in (str(v).strip() for v in items) if s]
+
+
 def section(cls: type[T], config: Any, name: str, **outside: Any) -> T:
   """cls built from `config.<name>`; `outside` fills the fields read from other sections.
 

@@ -20,10 +20,17 @@ import pathlib
 import numpy as np
 
 from allmrec_jax import config_lib
-from allmrec_jax import generate as generate_lib
+from allmrec_jax import scoring as scoring_lib
+from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
+from allmrec_jax.data import prepare
+from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import loop as loop_lib
+from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.trainers import stage2_run as stage2_run_lib
+from allmrec_jax.trainers import variants as variants_lib
 
 REQUIRED = ("cf", "stage1", "stage2")
 FLOOR_USERS = 4096        # known users whose top-k prompts set the compiled shapes
@@ -57,37 +64,32 @@ def check_run(workdir: pathlib.Path) -> None:
 
 
 class Recommender:
-  """A finished run loaded once (CF model, stage-1 tables, LLM, stage-2 projectors)."""
+  """A finished run loaded once (CF model, item tables, LLM, stage-2 projectors)."""
 
   def __init__(self, config, workdir):
-    from allmrec_jax import sharding  # pylint: disable=import-outside-toplevel
-    from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
-    from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
-    from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
-    from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=import-outside-toplevel
     workdir = pathlib.Path(workdir).expanduser()
     check_run(workdir)
     self.config = config
     self.ds = prepare.prepare_dataset(config.data)
     cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, self.ds)
     self.cf_model, self.cf_vars = cf_model, {"params": cf_params}
-    tables = runner.stage1_tables(config, workdir, self.ds, cf_model, self.cf_vars)
+    tables = item_tables_lib.item_tables(config, workdir, self.ds, cf_model, self.cf_vars)
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
     rules = sharding.axis_rules(config.mesh.logical_axis_rules)
-    self.run = runner.Stage2Run(config, workdir, self.ds, cf_model=cf_model,
-                                cf_params=self.cf_vars, tables=tables, mesh=mesh, rules=rules,
-                                eval_users=False)
-    cfg = config_lib.Stage2Config.from_config(config)
-    table = runner.item_table_for(cfg.item_source, tables, config.seed,
-                                  standardize=cfg.item_standardize)
-    params = stage2_lib.train(config, workdir, self.ds, llm=self.run.loaded.module,
-                              llm_params=self.run.llm_params, builder=self.run.builder,
-                              user_rep_fn=self.run.user_representations, item_table=table,
-                              mesh=mesh, rules=rules, use_user=cfg.use_user,
-                              use_items=cfg.use_items, restore_only=True)
-    self.evaluator = self.run.evaluator(table, params, use_user=cfg.use_user,
-                                        use_items=cfg.use_items)
-    self.evaluator.batch_size = 1
+    # No evaluation set: the users come one call at a time.
+    self.run = stage2_run_lib.Stage2Run(config, workdir, self.ds, cf_model=cf_model,
+                                        cf_params=self.cf_vars, item_tables=tables,
+                                        loaded=stage2_run_lib.load_llm(config, mesh, rules),
+                                        es=None, mesh=mesh, rules=rules)
+    variant = variants_lib.configured(config_lib.Stage2Config.from_config(config))
+    table = self.run.item_table(variant)
+    self.params = stage2_lib.train(config, workdir, self.ds, variant=variant,
+                                   llm=self.run.loaded.module, llm_params=self.run.llm_params,
+                                   builder=self.run.builder,
+                                   user_rep_fn=self.run.user_representations,
+                                   item_table=table, mesh=mesh, rules=rules,
+                                   restore_only=True)
+    self.evaluator = self.run.evaluator(variant, table, batch_size=1)
     self._floors: dict[int, tuple[int, int]] = {}
     self._title_index: dict[str, list[int]] = {}
     for i, t in enumerate(self.ds.titles):
@@ -148,7 +150,7 @@ class Recommender:
         pb = builder.build(seqs[:, -h:], cands, None, soft=soft, padding="left")
         prompt = max(prompt, int(pb.arrays()["input_ids"].shape[1]))
         _, mask = builder.continuations(cands, soft=soft)
-        need = max(need, generate_lib.packed_length(mask, multiple=1))
+        need = max(need, scoring_lib.packed_length(mask, multiple=1))
       self._floors[k] = (prompt, need)
     return self._floors[k]
 
@@ -172,8 +174,8 @@ class Recommender:
                           seq=seq, history=hist, candidates=cands,
                           order=np.arange(k, dtype=np.int32)[None])
     rep = self.run.user_representations(seq)
-    self.evaluator.min_prompt_len, self.evaluator.min_packed_len = floors
-    res = self.evaluator.evaluate(es, rep, generate=False, desc="recommend")
+    res = self.evaluator.evaluate(self.params, es, rep, generate=False, desc="recommend",
+                                  min_prompt_len=floors[0], min_packed_len=floors[1])
     llm = res["scores"][0]
     order = np.argsort(-llm, kind="stable")
     recs = [Recommendation(item=int(cands[0, j]), title=self.ds.titles[int(cands[0, j])],
@@ -181,6 +183,7 @@ class Recommender:
                            cf_rank=int(j) + 1) for j in order]
     explanation = None
     if explain:
-      explanation = self.evaluator.generate_texts(es, rep, task="genre", desc="explain")[0]
+      explanation = self.evaluator.generate_texts(self.params, es, rep, task="genre",
+                                                  desc="explain", min_prompt_len=floors[0])[0]
     return Answer(items=recs, history=[self.ds.titles[int(i)] for i in hist[0] if i > 0],
                   explanation=explanation)

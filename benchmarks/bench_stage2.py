@@ -64,13 +64,13 @@ import peaks  # pylint: disable=wrong-import-position
 def setup(args):
   from configs import ml100k  # pylint: disable=import-outside-toplevel
   from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2_run  # pylint: disable=import-outside-toplevel
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
   c = ml100k.get_config()
   ds = prepare.prepare_dataset(c.data)
   loaded = llm_weights.load_llm(None, dtype="float32", remat=args.remat,
                                 matmul_dtype=args.matmul_dtype)
-  builder = runner.prompt_builder(ds, loaded.tokenizer, c.stage2)
+  builder = stage2_run.prompt_builder(ds, loaded.tokenizer, c.stage2)
   return c, ds, loaded, builder
 
 
@@ -87,7 +87,7 @@ def make_trainer(args, c, ds, loaded, builder):
   table = rng.uniform(size=(ds.num_items + 1, c.stage1.latent_dim)).astype(np.float32)
   starts, ends = ds.train_bounds()
   index = sampling.ExclusionIndex.from_ranges(starts, ends, ds.seq_items, ds.num_items)
-  width = loaded.config.hidden_size
+  width = loaded.config.embed_dim
   proj = proj_lib.Stage2Projectors(table.shape[1], rep.shape[1], width)
   params = stage2.init_projectors(proj, jax.random.PRNGKey(0), table.shape[1], rep.shape[1])
   trainer = stage2.Stage2Trainer(llm=loaded.module, llm_params={"params": loaded.params},
@@ -137,19 +137,19 @@ def bench_eval(args, c, ds, loaded, builder, peak):
   rng = np.random.default_rng(0)
   rep = rng.normal(size=(len(es.users), c.cf.hidden_dim)).astype(np.float32)
   table = rng.uniform(size=(ds.num_items + 1, c.stage1.latent_dim)).astype(np.float32)
-  proj = proj_lib.Stage2Projectors(table.shape[1], rep.shape[1], loaded.config.hidden_size)
+  proj = proj_lib.Stage2Projectors(table.shape[1], rep.shape[1], loaded.config.embed_dim)
   params = stage2.init_projectors(proj, jax.random.PRNGKey(0), table.shape[1], rep.shape[1])
   ev = evaluate.LLMEvaluator(llm=loaded.module, llm_params={"params": loaded.params},
                              tokenizer=loaded.tokenizer, builder=builder, titles=ds.titles,
-                             projectors=proj, proj_params=params, item_table=table,
+                             projectors=proj, item_table=table,
                              batch_size=bs, max_new_tokens=args.new_tokens,
                              repetition_penalty=c.eval.repetition_penalty, eos_ids=())
-  ev.evaluate(es.take(slice(0, bs)), rep[:bs], desc="warm-up")        # compiles
+  ev.evaluate(params, es.take(slice(0, bs)), rep[:bs], desc="warm-up")        # compiles
   times, flops = [], []
   for j in range(1, args.eval_batches + 1):
     sl = slice(j * bs, (j + 1) * bs)
     t = time.perf_counter()
-    res = ev.evaluate(es.take(sl), rep[sl], desc="timed")
+    res = ev.evaluate(params, es.take(sl), rep[sl], desc="timed")
     times.append(time.perf_counter() - t)
     assert all(len(x) for x in res["texts"])
     # The shapes this batch ran at (the evaluator's own padding rules), for the FLOPs.

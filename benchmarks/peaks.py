@@ -105,7 +105,7 @@ def llm_forward_flops(cfg, tokens: int, seq_len: int) -> float:
 
 def evaluation_flops(cfg, batch: int, prompt_len: int, packed_len: int,
                      new_tokens: int) -> float:
-  """Matmul FLOPs of one evaluation batch (`generate.rank_and_generate_fn`): the prompt
+  """Matmul FLOPs of one evaluation batch (`scoring.rank_and_generate_fn`): the prompt
   prefill, the packed candidate answers scored against the prompt's cache (LM head on every
   packed row), and `new_tokens` greedy decode steps (LM head on one row each); attention
   of the later passes counted over the window they see."""

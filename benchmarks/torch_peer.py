@@ -30,6 +30,11 @@ code (github.com/ghdtjr/A-LLMRec) does per training / inference step:
             it to the new tokens only, in the original too); --ignore-eos makes every
             sequence run to --max-new-tokens (the worst case our evaluator is timed on).
 
+Beside the timed sub-commands, `authors_*` functions redo the authors' arithmetic from
+given weights and inputs (no sampling, no clock): the stage-1 losses and their gradients,
+and the stage-2 assembled LM input and loss; tests/test_faithfulness.py compares the JAX
+trainer's functions with them.
+
 Deliberate differences from the original: the LLM is SmolLM2-135M-Instruct in float32 on
 the CPU (the original: OPT-6.7B in 8 bit under CUDA autocast); the SBERT is
 all-MiniLM-L6-v2 (384-d; the original: nq-distilbert-base-v1, 768-d); SASRec and the item
@@ -257,6 +262,152 @@ def projector(d_in: int, width: int, act: nn.Module) -> nn.Sequential:
   return net
 
 
+# ------------------------------------------------------- the authors' computation, pure
+# For the faithfulness tests (tests/test_faithfulness.py): the authors' stage-1 losses and
+# stage-2 LM input / loss from GIVEN weights and inputs, in float32, with nothing sampled
+# or timed, so that the JAX trainer's functions can be compared with them number by number.
+AUTHORS_TOKENS = {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>",
+                  "unk_token": "</s>", "additional_special_tokens": list(SPECIAL_TOKENS)}
+
+
+def authors_stage1_losses(item_ae: AutoEncoder, text_ae: AutoEncoder, user: torch.Tensor,
+                          pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+                          pos_text: torch.Tensor, neg_text: torch.Tensor
+                          ) -> dict[str, torch.Tensor]:
+  """One micro-batch of `pre_train_phase1` (models/a_llmrec_model.py) after SBERT.
+
+  user: float[B, d] the SASRec state x_u; pos_emb / neg_emb: float[B, d] the SASRec item
+  rows E_p / E_n; pos_text / neg_text: float[B, t] the SBERT sentence embeddings Q_p / Q_n
+  (differentiable: SBERT is fine-tuned through them). As the authors: `two_layer_mlp` gives
+  (sigmoid code, reconstruction); rec = BCEWithLogits (batch mean) of mean(user * recon)
+  with labels 1 / 0; matching, item and text reconstruction are nn.MSELoss (mean over batch
+  and features) summed over p and n; the text reconstruction target is `Q.data` (no
+  gradient into SBERT through the target); total = rec + match + 0.5 item + 0.2 text.
+  Returns {"rec", "match", "item_recon", "text_recon", "total"}: float[] tensors.
+  """
+  bce, mse = nn.BCEWithLogitsLoss(), nn.MSELoss()
+  e_p, item_rec_p = item_ae(pos_emb)
+  e_n, item_rec_n = item_ae(neg_emb)
+  q_p, text_rec_p = text_ae(pos_text)
+  q_n, text_rec_n = text_ae(neg_text)
+  s_p = (user * item_rec_p).mean(dim=1)
+  s_n = (user * item_rec_n).mean(dim=1)
+  out = {
+      "rec": bce(s_p, torch.ones_like(s_p)) + bce(s_n, torch.zeros_like(s_n)),
+      "match": mse(e_p, q_p) + mse(e_n, q_n),
+      "item_recon": mse(item_rec_p, pos_emb) + mse(item_rec_n, neg_emb),
+      "text_recon": mse(text_rec_p, pos_text.data) + mse(text_rec_n, neg_text.data),
+  }
+  out["total"] = (out["rec"] + out["match"] + 0.5 * out["item_recon"]
+                  + 0.2 * out["text_recon"])
+  return out
+
+
+def authors_stage1_reference(weights: dict[str, np.ndarray], user, pos_emb, neg_emb,
+                             pos_text, neg_text) -> tuple[dict[str, float], dict]:
+  """`authors_stage1_losses` from numpy weights and inputs, with the backward pass.
+
+  weights: torch-layout tensors named "item_ae.enc.weight", "item_ae.enc.bias",
+  "item_ae.dec.weight", ... and the same under "text_ae." (Linear weight [out, in]).
+  Returns (the five values as floats, gradients as float32 numpy arrays: of every weight
+  by its name, and of the SBERT outputs as "pos_text" / "neg_text").
+  """
+  def as_t(x):
+    return torch.tensor(np.asarray(x, np.float32))
+
+  aes = {}
+  for name in ("item_ae", "text_ae"):
+    enc = weights[f"{name}.enc.weight"]
+    ae = AutoEncoder(enc.shape[1], enc.shape[0])
+    ae.load_state_dict({k: as_t(weights[f"{name}.{k}"]) for k in ae.state_dict()})
+    aes[name] = ae
+  texts = [as_t(pos_text).requires_grad_(), as_t(neg_text).requires_grad_()]
+  with torch.no_grad():    # the frozen SASRec's outputs (`recsys.model` under no_grad)
+    user, pos_emb, neg_emb = as_t(user), as_t(pos_emb), as_t(neg_emb)
+  out = authors_stage1_losses(aes["item_ae"], aes["text_ae"], user, pos_emb, neg_emb,
+                              *texts)
+  out["total"].backward()
+  grads = {f"{name}.{k}": p.grad.numpy().copy()
+           for name, ae in aes.items() for k, p in ae.named_parameters()}
+  grads["pos_text"], grads["neg_text"] = (t.grad.numpy().copy() for t in texts)
+  return {k: float(v.detach()) for k, v in out.items()}, grads
+
+
+def authors_llm_setup(llm, tokenizer):
+  """`llm4rec.__init__` after loading OPT: [PAD] as the pad token, </s> as BOS, EOS and
+  UNK, [UserRep] / [HistoryEmb] / [CandidateEmb] added as special tokens, the embedding
+  table resized to the new vocabulary (new rows drawn by transformers' resize), all frozen.
+  Changes both in place and returns them."""
+  tokenizer.add_special_tokens(dict(AUTHORS_TOKENS))
+  llm.resize_token_embeddings(len(tokenizer))
+  for p in llm.parameters():
+    p.requires_grad_(False)
+  llm.eval()
+  return llm, tokenizer
+
+
+def authors_prompt_text(titles, history, candidates, space_after_user: bool = False) -> str:
+  """The movies prompt of `pre_train_phase2` for given history and candidate ids (in their
+  prompt order): `make_interact_text` (`"title"[HistoryEmb]` joined by ",") and
+  `make_candidate_text` (`"title"[CandidateEmb]` joined by ","). The authors write
+  "...representation.This user..." (no space); `space_after_user` puts the space the JAX
+  template has (and PROMPT_USER above)."""
+  hist = ",".join(f'"{titles[int(i)]}"[HistoryEmb]' for i in history)
+  cands = ",".join(f'"{titles[int(i)]}"[CandidateEmb]' for i in candidates)
+  user = PROMPT_USER if space_after_user else PROMPT_USER.replace(". ", ".", 1)
+  return user + hist + PROMPT_MIDDLE + cands + PROMPT_END
+
+
+def authors_stage2_forward(llm, tokenizer, item_proj: nn.Module, user_proj: nn.Module,
+                           user_reps: torch.Tensor, hist_codes, cand_codes, prompts,
+                           target_titles) -> dict[str, torch.Tensor]:
+  """`pre_train_phase2` from its prompts on + `llm4rec.forward`, on an `authors_llm_setup` LLM.
+
+  user_reps: float[B, d] x_u; hist_codes / cand_codes: per sample float[n, 128] the joint
+  codes of the items behind its [HistoryEmb] / [CandidateEmb] tokens, in prompt order;
+  prompts: the prompt texts; target_titles: the target titles (unquoted). As the authors:
+  inputs and `"title"</s>` targets tokenised separately (right padding, to the longest);
+  per sample the prompt's real tokens, the target's tokens without its first (OPT's
+  leading </s>), then the padding; labels -100 on the prompt and wherever the id is the pad
+  id; embeddings of the joined ids with each [HistoryEmb] / [CandidateEmb] position
+  overwritten, in order, by F_I of its item; F_U(x_u) concatenated in FRONT of the whole
+  sequence (before </s>), with attention 1 and label -100; the LM's mean token loss.
+  Returns {"input_ids" [B, L] (joined, without the user slot), "inputs_embeds" [B, 1+L, H],
+  "attention_mask" [B, 1+L], "labels" [B, 1+L], "logits" [B, 1+L, V], "loss" []}.
+  """
+  tokenizer.padding_side = "right"
+  out = tokenizer([f'"{t}"' + tokenizer.eos_token for t in target_titles],
+                  return_tensors="pt", padding="longest", truncation=False)
+  inp = tokenizer(list(prompts), return_tensors="pt", padding="longest", truncation=False)
+  ids, att, prompt_lens = [], [], []
+  for i in range(inp.input_ids.shape[0]):       # concat_text_input_output
+    n = int(inp.attention_mask[i].sum())
+    prompt_lens.append(n)
+    ids.append(torch.cat([inp.input_ids[i][:n], out.input_ids[i][1:], inp.input_ids[i][n:]]))
+    att.append(torch.cat([inp.attention_mask[i][:n], out.attention_mask[i][1:],
+                          inp.attention_mask[i][n:]]))
+  ids, att = torch.stack(ids), torch.stack(att)
+  labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+  for i, n in enumerate(prompt_lens):
+    labels[i][:n] = -100
+  b = ids.shape[0]
+  labels = torch.cat([torch.full((b, 1), -100, dtype=labels.dtype), labels], dim=1)
+  emb = llm.get_input_embeddings()(ids)
+  slot = {"[HistoryEmb]": [item_proj(torch.as_tensor(c)) for c in hist_codes],
+          "[CandidateEmb]": [item_proj(torch.as_tensor(c)) for c in cand_codes]}
+  for token, vecs in slot.items():                # replace_hist_candi_token
+    token_id = tokenizer(token, return_tensors="pt", add_special_tokens=False).input_ids.item()
+    for i in range(b):
+      for p, v in zip((ids[i] == token_id).nonzero().view(-1), vecs[i]):
+        emb[i][p] = v
+  user = user_proj(torch.as_tensor(user_reps)).unsqueeze(1)
+  emb = torch.cat([user, emb], dim=1)
+  att = torch.cat([torch.ones(b, 1, dtype=att.dtype), att], dim=1)
+  res = llm(inputs_embeds=emb, attention_mask=att, labels=labels, return_dict=True)
+  return {"input_ids": ids, "inputs_embeds": emb, "attention_mask": att, "labels": labels,
+          "logits": res.logits, "loss": res.loss}
+
+
 # -------------------------------------------------------------------------- timing
 def _busy_seconds() -> float | None:
   """Busy CPU seconds of the whole machine so far (user+nice+system+irq+softirq)."""
@@ -460,7 +611,7 @@ class Stage2Peer:
   def __init__(self, args, ds: Interactions):
     self.ds, self.rng = ds, np.random.default_rng(args.seed)
     self.llm, self.tok = load_llm(args)
-    width = self.llm.config.hidden_size
+    width = self.llm.get_input_embeddings().embedding_dim
     self.cf = SASRec(ds.num_items, maxlen=args.maxlen)
     self.item_ae = AutoEncoder(self.cf.dim)
     for p in [*self.cf.parameters(), *self.item_ae.parameters()]:

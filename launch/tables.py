@@ -1,4 +1,4 @@
-"""The paper's tables in miniature from one run folder (allmrec_jax/trainers/tables.py).
+"""The paper's tables in miniature from one run folder (allmrec_jax/paper_tables/).
 
   python launch/train.py --config=configs/ml100k.py --workdir=runs/ml100k --config.stages=cf,stage1
   python launch/tables.py --config=configs/ml100k.py --workdir=runs/ml100k            # default parts
@@ -10,7 +10,9 @@ was trained with. Finished parts and models are reused; an interrupted run resum
 Writes workdir/tables/<part>.{json,md}, workdir/tables/overall.png and workdir/tables.md.
 """
 
+import contextlib
 import os
+import pathlib
 import shlex
 import sys
 
@@ -21,7 +23,8 @@ from ml_collections import config_flags
 
 import launch
 from allmrec_jax import logging_utils
-from allmrec_jax.trainers import tables
+from allmrec_jax import run_lock
+from allmrec_jax.paper_tables import suite as tables
 from configs import base
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -67,12 +70,29 @@ def main(argv):
     few_shot = [int(k) for k in _FEW_SHOT.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  suite = tables.Tables(config, _WORKDIR.value, users=_USERS.value, few_shot=few_shot,
-                        few_shot_scope=_FEW_SHOT_SCOPE.value, backbones=_BACKBONES.value,
-                        efficiency_steps=_EFFICIENCY_STEPS.value,
-                        cross_domain_target=_CROSS_TARGET.value,
-                        cross_domain_user=_CROSS_USER.value,
-                        overall_llm=_OVERALL_LLM.value)
+  # A writer (it trains and writes workdir/tables): it holds workdir/run.lock. While
+  # another process holds it, finished tables are only read (printed, nothing written).
+  workdir = pathlib.Path(_WORKDIR.value)
+  try:
+    lock = run_lock.acquire(workdir) if run_lock.is_local(_WORKDIR.value) else None
+  except run_lock.RunLockHeld as e:
+    doc = workdir / "tables.md"
+    if doc.exists() and all((workdir / "tables" / f"{p}.json").exists() for p in parts):
+      logging.warning("%s; printing the finished tables without writing", e)
+      print(doc.read_text())
+      return
+    raise SystemExit(f"allmrec-tables: {e}") from None
+  with lock or contextlib.nullcontext():
+    _build(config, parts, few_shot)
+
+
+def _build(config, parts, few_shot):
+  suite = tables.PaperTables(config, _WORKDIR.value, users=_USERS.value, few_shot=few_shot,
+                             few_shot_scope=_FEW_SHOT_SCOPE.value, backbones=_BACKBONES.value,
+                             efficiency_steps=_EFFICIENCY_STEPS.value,
+                             cross_domain_target=_CROSS_TARGET.value,
+                             cross_domain_user=_CROSS_USER.value,
+                             overall_llm=_OVERALL_LLM.value)
   command = "allmrec-tables " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   doc = suite.run(parts, command=command)
   logging.info("tables: %s", doc)

@@ -11,6 +11,7 @@ Multi-host (every process runs the same command; each reads its slice of every b
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -19,7 +20,11 @@ import jax
 from ml_collections import config_flags
 
 import launch
+from allmrec_jax import config_lib
 from allmrec_jax import logging_utils
+from allmrec_jax import run_lock
+from allmrec_jax.trainers import reporting
+from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import runner
 from configs import base
 
@@ -63,14 +68,19 @@ def main(argv):
   init_distributed()
   if _CONFIG.value.asset_cache_dir:    # the asset cache every stage reads
     os.environ["ALLMREC_CACHE"] = os.path.expanduser(_CONFIG.value.asset_cache_dir)
-  logging.info("JAX devices: %s", jax.devices())
-  config = _CONFIG.value
-  metrics = runner.train_and_evaluate(config, _WORKDIR.value)
-  if "stage2" in str(config.stages):      # the test table of A-LLMRec and its baselines
-    baselines = [b.strip() for b in str(config.eval.baselines).split(",") if b.strip()]
-    prefix = f"{config.eval.split}/"
-    print(runner.results_table(metrics, baselines, prefix))
-    print(runner.reading(metrics, baselines, prefix, config))
+  # One writer per run folder (allmrec_jax/run_lock.py): process 0 holds workdir/run.lock.
+  with run_lock.writer("allmrec-train", _WORKDIR.value, enabled=jax.process_index() == 0):
+    logging.info("JAX devices: %s", jax.devices())
+    config = _CONFIG.value
+    try:
+      metrics = runner.train_and_evaluate(config, _WORKDIR.value)
+    except loop_lib.Preempted:          # SIGTERM / SIGINT: checkpoint saved, line logged
+      sys.exit(loop_lib.EXIT_PREEMPTED)
+    if "stage2" in config_lib.as_list(config.stages):   # A-LLMRec and its baselines
+      baselines = config_lib.as_list(config.eval.baselines)
+      prefix = f"{config.eval.split}/"
+      print(reporting.results_table(metrics, baselines, prefix))
+      print(reporting.reading(metrics, baselines, prefix, config))
 
 
 def run():

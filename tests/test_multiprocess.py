@@ -36,7 +36,7 @@ def _run_steps(process: int, count: int) -> dict:
   from allmrec_jax.data import pipelines, prepare  # pylint: disable=import-outside-toplevel
   from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.models.llm import LlamaConfig, LlamaDecoder  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import runner, stage2  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2, stage2_run  # pylint: disable=import-outside-toplevel
   from configs import ml100k  # pylint: disable=import-outside-toplevel
   c = ml100k.get_config()
   c.stage2.num_candidates, c.stage2.num_history = 5, 3
@@ -51,7 +51,7 @@ def _run_steps(process: int, count: int) -> dict:
   rep = sharding.replicated(mesh)
   llm_params = jax.device_put(nn.unbox(llm.init(jax.random.PRNGKey(0),
                                                 input_ids=jnp.zeros((1, 4), jnp.int32))), rep)
-  builder = runner.prompt_builder(ds, tok, c.stage2)
+  builder = stage2_run.prompt_builder(ds, tok, c.stage2)
   table = np.random.default_rng(0).uniform(size=(ds.num_items + 1, 8)).astype(np.float32)
   ex = stage2.training_examples(ds, maxlen=c.data.maxlen, num_history=3)
   user_rep = (ex.seq[:, -4:] % 7).astype(np.float32)

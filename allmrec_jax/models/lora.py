@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from allmrec_jax import common_types as ct
+from allmrec_jax import config_lib
 
 
 TARGETS = ("q", "k", "v", "o")
@@ -27,7 +28,7 @@ TARGETS = ("q", "k", "v", "o")
 
 def parse_targets(spec: str) -> tuple[str, ...]:
   """"q,v" -> ("q", "v"); an unknown projection name raises ValueError naming the field."""
-  names = tuple(t.strip() for t in str(spec).split(",") if t.strip())
+  names = tuple(config_lib.as_list(spec))
   bad = [t for t in names if t not in TARGETS]
   if bad:
     raise ValueError(f"--config.llm.lora_targets={spec!r}: unknown projection(s) {bad} "

@@ -5,6 +5,10 @@
 
 Linear weights are xavier-normal (the paper's code), biases zero; LayerNorm eps 1e-5 and
 GELU exact (erf) as torch's defaults; LeakyReLU slope 0.01.
+
+E is the width of the LLM's input embeddings (`config.embed_dim`), the space the soft
+tokens are spliced into: the hidden width for Llama and most OPTs, the narrower word-embedding
+width for an OPT with project_in/project_out (OPT-350m: 512, hidden 1,024).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from allmrec_jax import common_types as ct
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
   in_dim: int          # latent width (items) or CF width D (user)
-  out_dim: int         # LLM width E
+  out_dim: int         # LLM input-embedding width E (config.embed_dim)
   activation: str      # "gelu" | "leaky_relu"
   dtype: ct.DType = jnp.float32
 
@@ -67,7 +71,7 @@ class Stage2Projectors(nn.Module):
   """The trainable tree of stage 2: {"user_proj": F_U, "item_proj": F_I}."""
   item_in_dim: int     # width of the item table fed to F_I (latent 128; CF D for MLP-LLM)
   user_in_dim: int     # CF width D
-  llm_dim: int         # E
+  llm_dim: int         # E: the LLM's input-embedding width (config.embed_dim)
   dtype: ct.DType = jnp.float32
 
   def setup(self):

@@ -20,7 +20,8 @@ def splice(embeds: jax.Array, user_pos: jax.Array, user_vec: jax.Array | None,
   """Writes soft tokens into token embeddings.
 
   Args:
-    embeds: float[B, L, E] token embeddings.
+    embeds: float[B, L, E] token embeddings (E = the LLM's config.embed_dim, before any
+      project_in).
     user_pos: int32[B] or int32[B, U] positions of the [U] slots (L = none); every slot
       gets the same vector.
     user_vec: float[B, E] projected user representation, or None (no user token: the
@@ -30,7 +31,12 @@ def splice(embeds: jax.Array, user_pos: jax.Array, user_vec: jax.Array | None,
   Returns:
     float[B, L, E].
   """
-  b = embeds.shape[0]
+  b, width = embeds.shape[0], embeds.shape[-1]
+  for name, vec in (("item", item_vecs), ("user", user_vec)):
+    if vec is not None and vec.shape[-1] != width:
+      raise ValueError(f"{name} soft tokens are {vec.shape[-1]} wide but the LLM's input "
+                       f"embeddings are {width} wide: build the projectors with the LLM's "
+                       "config.embed_dim")
   rows = jnp.arange(b)
   if item_vecs is not None:
     embeds = embeds.at[rows[:, None], item_pos].set(item_vecs.astype(embeds.dtype),

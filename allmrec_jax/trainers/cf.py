@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import pathlib
 import time
@@ -342,8 +341,8 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
     config: the full config (sections `cf`, `data`, `mesh`, `seed`).
     workdir: run directory; this stage writes `<workdir>/cf/`.
     dataset: a RecDataset (None = `prepare_dataset(config.data)`).
-    stop_after_epoch: stop (as if interrupted) once this epoch is checkpointed, without
-      the test evaluation or the FINISHED marker (tests and preemption drills).
+    stop_after_epoch: stop once this epoch is done, as if killed there (no extra
+      checkpoint, no test evaluation, no FINISHED marker): tests and drills.
   """
   from allmrec_jax.data import pipelines  # pylint: disable=g-import-not-at-top
   dataset = _get_dataset(config, dataset)
@@ -373,109 +372,62 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
 
   mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2,
                                     best_metric=cfc.select_metric)
-  start_epoch, best, bad = 0, -math.inf, 0
-  restored = checkpointing.restore(mngr, abstract={"params": state["params"],
-                                                   "opt_state": state["opt_state"]},
-                                   quarantine=True)
-  if restored is not None:
-    state = _on_mesh({"params": restored["params"], "opt_state": restored["opt_state"],
-                      "step": jnp.asarray(restored["extra"]["train_step"], jnp.int32)}, mesh)
-    start_epoch = int(restored["extra"]["epoch"])
-    best = float(restored["extra"]["best"])
-    bad = int(restored["extra"]["bad"])
-    logging.info("cf: resumed at epoch %d (step %d)", start_epoch, int(state["step"]))
-
+  num_epochs = int(cfc.num_epochs)
   pipe = pipelines.cf_train_dataset(dataset, batch_size=int(cfc.batch_size), maxlen=maxlen,
-                                    seed=seed, num_epochs=int(cfc.num_epochs) + 1,
+                                    seed=seed, num_epochs=num_epochs + 1,
                                     drop_remainder=bool(cfc.drop_remainder))
   spe = pipelines.steps_per_epoch(dataset, int(cfc.batch_size),
                                   drop_remainder=bool(cfc.drop_remainder))
   keys = ("seq", "pos", "neg", "mask")
 
-  def epoch_batches(epoch: int) -> dict[str, np.ndarray]:
-    # Pipeline epochs are 0-based; trainer epochs count from 1.
-    bs = [pipe[(epoch - 1) * spe + s] for s in range(spe)]
-    return {k: np.stack([b[k] for b in bs]) for k in keys}
+  def epoch_batches(epoch: int, start: int):
+    del start                           # one item per epoch: all its batches, stacked
+    bs = [pipe[epoch * spe + s] for s in range(spe)]
+    yield {k: np.stack([b[k] for b in bs]) for k in keys}
 
   epoch_fn = _jitted_epoch(model, str(cfc.loss), float(cfc.lr), float(cfc.b1), float(cfc.b2),
                            float(config.cf.grad_clip), grad_splits(config))
-  run_epoch = lambda st, b: epoch_fn(st, b, dropout_key)
+
+  def step_fn(st, batches):
+    st, epoch_losses = epoch_fn(st, batches, dropout_key)
+    return st, {"train/loss": jnp.mean(epoch_losses)}
+
   evaluator = Evaluator(model, dataset, maxlen, int(config.cf.eval_batch_size),
                         cold_fraction=float(config.data.cold_fraction))
-  num_epochs, eval_every = int(cfc.num_epochs), max(int(cfc.eval_every), 1)
-  ckpt_every = max(int(cfc.ckpt_every), 1)
-  stopped_early = bool(restored["extra"].get("stopped", False)) if restored else False
-  loop = loop_lib.TrainLoop(out_dir, name="cf", total=num_epochs, initial=start_epoch,
-                            ckpt_every=ckpt_every, manager=mngr, truncate_key="epoch",
-                            progress=bool(config.cf.progress), unit="epoch")
-  next_batches = epoch_batches(start_epoch + 1) if start_epoch < num_epochs else None
-  for epoch in range(start_epoch + 1, num_epochs + 1):
-    if stopped_early:
-      break
-    t0 = time.perf_counter()
-    batches = next_batches
-    state, epoch_losses = run_epoch(state, batches)
-    # Sample the next epoch on the host while the device runs this one.
-    next_batches = epoch_batches(epoch + 1) if epoch < num_epochs else None
-    loss = float(np.mean(np.asarray(epoch_losses)))
-    dt = time.perf_counter() - t0
-    rate = spe * int(cfc.batch_size) / max(dt, 1e-9)
-    record = {"epoch": epoch, "step": int(state["step"]), "train/loss": loss,
-              "train/epoch_time_s": dt, "train/seq_per_s": rate}
-    if not math.isfinite(loss):
-      raise FloatingPointError(f"cf: training loss is {loss} at epoch {epoch} "
-                               "(lower config.cf.lr?)")
-    evaluated = epoch % eval_every == 0 or epoch == num_epochs
-    if evaluated:
-      t1 = time.perf_counter()
-      valid = evaluator.evaluate(state["params"], "valid")
-      record.update(valid)
-      record["valid/eval_time_s"] = time.perf_counter() - t1
-      value = valid[cfc.select_metric]
-      if value > best:
-        best, bad = value, 0
-      else:
-        bad += 1
-      stopped_early = bad >= int(cfc.patience)
-      logging.info("cf epoch %d: loss %.4f %s %.4f (best %.4f)", epoch, loss,
-                   cfc.select_metric, value, best)
-    if evaluated or epoch % ckpt_every == 0:
-      # Evaluation epochs carry the selection metric (best-checkpoint candidates); the
-      # others only bound the work lost to an interruption.
-      loop.save(epoch, params=state["params"], opt_state=state["opt_state"],
-                extra={"epoch": epoch, "train_step": int(state["step"]),
-                       "best": best, "bad": bad, "stopped": stopped_early},
-                metrics={cfc.select_metric: value} if evaluated else None)
-    loop.advance()
-    loop.log(epoch, record, postfix={"loss": f"{loss:.4f}", "seq_s": f"{rate:,.0f}"})
-    if stop_after_epoch is not None and epoch >= stop_after_epoch:
-      loop.close()
-      return model, state["params"], record
-    if stopped_early:
-      logging.info("cf: early stop at epoch %d", epoch)
-      break
 
-  # Final: the best checkpoint on validation and test.
-  best_step = mngr.best_step()
-  restored = checkpointing.restore(mngr, step=best_step,
-                                   abstract={"params": state["params"]})
-  params = restored["params"]
-  final = {"best_epoch": int(best_step) if best_step is not None else 0}
-  final.update(evaluator.evaluate(params, "valid"))
-  t1 = time.perf_counter()
-  final.update(evaluator.evaluate(params, "test", breakdown=True))
-  final.update(cold_user_metrics(model, params, dataset, maxlen))
-  final["test/eval_time_s"] = time.perf_counter() - t1
-  final["model"] = str(cfc.model)
-  final["seed"] = seed
-  loop.writer.scalars(num_epochs + 1, final)
-  loop.close()
-  with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
-    json.dump(final, f, indent=2, sort_keys=True)
-  loop_lib.mark_finished(out_dir, {"best_epoch": final["best_epoch"]})
-  logging.info("cf test: %s", {k: round(v, 4) for k, v in final.items()
-                               if k.startswith("test/") and isinstance(v, float)})
-  return model, params, final
+  def finalize(state) -> dict:
+    """The best checkpoint on validation and test; writes metrics.json."""
+    best_step = mngr.best_step()
+    restored = checkpointing.restore(mngr, step=best_step,
+                                     abstract={"params": state["params"]})
+    params = restored["params"]
+    final = {"best_epoch": int(best_step) if best_step is not None else 0}
+    final.update(evaluator.evaluate(params, "valid"))
+    t1 = time.perf_counter()
+    final.update(evaluator.evaluate(params, "test", breakdown=True))
+    final.update(cold_user_metrics(model, params, dataset, maxlen))
+    final["test/eval_time_s"] = time.perf_counter() - t1
+    final["model"] = str(cfc.model)
+    final["seed"] = seed
+    with open(out_dir / "metrics.json", "w", encoding="utf-8") as f:
+      json.dump(final, f, indent=2, sort_keys=True)
+    logging.info("cf test: %s", {k: round(v, 4) for k, v in final.items()
+                                 if k.startswith("test/") and isinstance(v, float)})
+    return final
+
+  result = loop_lib.run(
+      out_dir, name="cf", state=state, step_fn=step_fn,
+      data=loop_lib.EpochBatches(epoch_batches, 1), total=num_epochs,
+      ckpt_every=int(cfc.ckpt_every), manager=mngr,
+      evaluate=lambda params, _: evaluator.evaluate(params, "valid"),
+      eval_every=max(int(cfc.eval_every), 1),
+      early_stopping=loop_lib.EarlyStopping(cfc.select_metric, int(cfc.patience)),
+      unit="epoch", steps_per_call=spe, rate_name="train/seq_per_s",
+      count_fn=lambda _: spe * int(cfc.batch_size), finalize=finalize,
+      stop_after=stop_after_epoch, progress=bool(config.cf.progress))
+  if not result.completed:
+    return model, result.state["params"], result.record
+  return model, load_trained_cf(config, workdir, dataset)[1], result.final
 
 
 def load_trained_cf(config, workdir, dataset=None) -> tuple[nn.Module, PyTree]:

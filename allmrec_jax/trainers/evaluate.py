@@ -7,7 +7,7 @@ fixed seeded order. Two LLM protocols:
 - ranking: log p(candidate answer | prompt) for each of the 20 candidates ('"title"' +
   EOS), the prompt run once per user, the candidates scored against its KV cache in one
   packed pass (and, when both protocols run, greedy decoding continues from that same
-  prefill: `generate.rank_and_generate_fn`) -> `hit@k`, `ndcg@k`, `mrr`; the length-normalised score (mean token
+  prefill: `scoring.rank_and_generate_fn`) -> `hit@k`, `ndcg@k`, `mrr`; the length-normalised score (mean token
   log-prob) gives the same metrics with the suffix `_lnorm`;
 - generation (the paper's): greedy decoding; `gen_hit@1` = the normalised target title
   occurs in the normalised generated text.
@@ -26,6 +26,7 @@ import tqdm
 
 from allmrec_jax import generate as generate_lib
 from allmrec_jax import metrics as metrics_lib
+from allmrec_jax import scoring as scoring_lib
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
@@ -118,19 +119,23 @@ def ranking_metrics(scores: np.ndarray, prefix: str, suffix: str = "") -> dict[s
 
 
 class LLMEvaluator:
-  """Ranks candidates by likelihood and generates answers with one frozen LLM.
+  """Ranks candidates by likelihood and generates answers with one frozen LLM; built once
+  per model shape, called with the trained params it scores (`evaluate(params, ...)`).
 
   Args:
     llm, llm_params: the decoder and {"params": ...}.
     tokenizer: decodes generated ids.
     builder: the PromptBuilder of the dataset.
     titles: item titles (for the generation match).
-    projectors, proj_params, item_table: the soft-prompt parts (None for LLM-Only).
+    projectors, item_table: the soft-prompt parts (None for LLM-Only).
     soft: A-LLMRec prompt with soft tokens (False: the plain text prompt of LLM-Only).
+
+  The params of a call: {"params": projectors} (+ {"lora": adapters}) of a soft model,
+  {"lora": adapters} of TALLRec, None for LLM-Only.
   """
 
   def __init__(self, *, llm, llm_params, tokenizer, builder: prompts_lib.PromptBuilder,
-               titles, projectors=None, proj_params=None, item_table=None, soft=True,
+               titles, projectors=None, item_table=None, soft=True,
                use_user=True, use_items=True, batch_size=8, max_new_tokens=64,
                repetition_penalty=1.5, eos_ids=None):
     self.llm, self.llm_params, self.tokenizer = llm, llm_params, tokenizer
@@ -138,13 +143,6 @@ class LLMEvaluator:
     self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
     self.repetition_penalty = repetition_penalty
     self.eos_ids = eos_ids if eos_ids is not None else (tokenizer.eos_token_id,)
-    self.proj_params = proj_params
-    self.permute_items_seed: int | None = None   # diagnostics: item tokens shuffled
-    # Shape floors (0 = none): prompts padded to at least `min_prompt_len` tokens and the
-    # packed candidate answers to at least `min_packed_len`, so that a caller whose inputs
-    # vary (recommend) runs one compiled program.
-    self.min_prompt_len = 0
-    self.min_packed_len = 0
     self.item_table = None if item_table is None else jnp.asarray(item_table, jnp.float32)
     use_user, use_items = use_user and soft, use_items and soft
 
@@ -159,14 +157,14 @@ class LLMEvaluator:
                  packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
       llm_vars = lora_lib.with_adapters(llm_params, proj_params)
-      return generate_lib.score_continuations_fn(llm, llm_vars, None, embeds,
+      return scoring_lib.score_continuations_fn(llm, llm_vars, None, embeds,
                                                  batch["attention_mask"], cont_ids,
                                                  cont_mask, packed_len=packed_len)
 
     def rank_generate_fn(proj_params, llm_params, item_table, batch, cont_ids, cont_mask,
                          eos, options, *, packed_len):
       embeds = embeds_fn(proj_params, llm_params, item_table, batch)
-      return generate_lib.rank_and_generate_fn(
+      return scoring_lib.rank_and_generate_fn(
           llm, lora_lib.with_adapters(llm_params, proj_params), None, embeds, batch["attention_mask"], cont_ids, cont_mask, eos,
           options, jax.random.PRNGKey(0), max_new_tokens=max_new_tokens,
           pad_id=int(tokenizer.pad_token_id), packed_len=packed_len)
@@ -177,14 +175,15 @@ class LLMEvaluator:
     self._gen_options = generate_lib.generation_options(
         self.eos_ids, repetition_penalty=repetition_penalty)
 
-  def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str) -> dict:
+  def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str,
+             permute_items_seed: int | None = None, min_prompt_len: int = 0) -> dict:
     cands = es.prompt_candidates if task == "recommend" else None
     pb = self.builder.build(es.history, cands, None, soft=self.soft, padding="left",
-                            task=task, min_len=self.min_prompt_len).arrays()
+                            task=task, min_len=min_prompt_len).arrays()
     pb["user_rep"] = (np.zeros((len(es.users), 1), np.float32) if user_rep is None
                       else user_rep.astype(np.float32))
-    if self.permute_items_seed is not None:
-      pb["item_ids"] = permute_slots(pb["item_ids"], self.permute_items_seed, es.users)
+    if permute_items_seed is not None:
+      pb["item_ids"] = permute_slots(pb["item_ids"], permute_items_seed, es.users)
     return {k: jnp.asarray(v) for k, v in pb.items()}
 
   def _pad(self, es: EvalSet, user_rep):
@@ -195,22 +194,29 @@ class LLMEvaluator:
     idx = np.concatenate([np.arange(n), np.zeros(self.batch_size - n, np.int64)])
     return es.take(idx), (None if user_rep is None else user_rep[idx]), n
 
-  def evaluate(self, es: EvalSet, user_rep: np.ndarray | None, *, rank: bool = True,
-               generate: bool = True, desc: str = "eval") -> dict[str, Any]:
-    """Returns {"scores": float[B,C], "scores_lnorm": ..., "texts": [str], "gen_hit": float[B]}
-    (candidate order: the target is column 0)."""
+  def evaluate(self, params, es: EvalSet, user_rep: np.ndarray | None, *,
+               rank: bool = True, generate: bool = True, desc: str = "eval",
+               permute_items_seed: int | None = None, min_prompt_len: int = 0,
+               min_packed_len: int = 0) -> dict[str, Any]:
+    """Scores model `params` on `es`: {"scores": float[B,C], "scores_lnorm": ...,
+    "texts": [str], "gen_hit": float[B]} (candidate order: the target is column 0).
+
+    `permute_items_seed`: each prompt's item tokens permuted among its slots (a
+    diagnostic). Shape floors (0 = none): prompts padded to at least `min_prompt_len`
+    tokens and the packed candidate answers to at least `min_packed_len`, so that a caller
+    whose inputs vary (recommend) runs one compiled program."""
     sums, means, texts = [], [], []
     bs = self.batch_size
     for i in tqdm.trange(0, len(es.users), bs, desc=desc, leave=False):
       sub, rep, n = self._pad(es.take(slice(i, i + bs)),
                               None if user_rep is None else user_rep[i:i + bs])
-      batch = self._batch(sub, rep, "recommend")
+      batch = self._batch(sub, rep, "recommend", permute_items_seed, min_prompt_len)
       if rank:
         cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates,
                                                             soft=self.soft)
-        args = (self.proj_params, self.llm_params, self.item_table, batch,
+        args = (params, self.llm_params, self.item_table, batch,
                 jnp.asarray(cont_ids), jnp.asarray(cont_mask))
-        packed = self.packed_len(cont_mask)
+        packed = self.packed_len(cont_mask, min_packed_len)
         if generate:   # one prompt prefill serves both protocols
           s, cnt, out = self._rank_generate(*args, *self._gen_options, packed_len=packed)
           texts.extend(self._decode(out)[:n])
@@ -220,7 +226,7 @@ class LLMEvaluator:
         sums.append(sub.take(slice(0, n)).unpermute(s))
         means.append(sub.take(slice(0, n)).unpermute(s / np.maximum(cnt, 1)))
       elif generate:
-        texts.extend(self._generate(batch)[:n])
+        texts.extend(self._generate(params, batch)[:n])
     out: dict[str, Any] = {"texts": texts}
     if rank:
       out["scores"] = np.concatenate(sums, 0)
@@ -229,18 +235,19 @@ class LLMEvaluator:
       out["gen_hit"] = generation_hits(texts, [self.titles[t] for t in es.targets])
     return out
 
-  def packed_len(self, cont_mask: np.ndarray) -> int:
+  @staticmethod
+  def packed_len(cont_mask: np.ndarray, min_packed_len: int = 0) -> int:
     """Tokens of the one pass that scores the answers back to back (no padding between
     them): `min_packed_len` when they fit in it, else a multiple of 64 (so that a run
     compiles few programs)."""
-    need = generate_lib.packed_length(cont_mask, multiple=1)
-    return (self.min_packed_len if need <= self.min_packed_len
+    need = scoring_lib.packed_length(cont_mask, multiple=1)
+    return (min_packed_len if need <= min_packed_len
             else generate_lib.bucket_length(need, 64))
 
-  def _generate(self, batch: dict) -> list[str]:
-    embeds = self._embeds(self.proj_params, self.llm_params, self.item_table, batch)
+  def _generate(self, params, batch: dict) -> list[str]:
+    embeds = self._embeds(params, self.llm_params, self.item_table, batch)
     out = generate_lib.generate(
-        self.llm, lora_lib.with_adapters(self.llm_params, self.proj_params),
+        self.llm, lora_lib.with_adapters(self.llm_params, params),
         inputs_embeds=embeds,
         attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
         eos_id=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id),
@@ -253,13 +260,16 @@ class LLMEvaluator:
     return [self.tokenizer.decode(toks[b, :lens[b]], skip_special_tokens=True)
             for b in range(toks.shape[0])]
 
-  def generate_texts(self, es: EvalSet, user_rep: np.ndarray | None, task: str = "genre",
-                     desc: str = "generate") -> list[str]:
+  def generate_texts(self, params, es: EvalSet, user_rep: np.ndarray | None,
+                     task: str = "genre", desc: str = "generate",
+                     min_prompt_len: int = 0) -> list[str]:
+    """Model `params`' greedy answers to `task` prompts of `es`'s users."""
     texts = []
     for i in tqdm.trange(0, len(es.users), self.batch_size, desc=desc, leave=False):
       sub, rep, n = self._pad(es.take(slice(i, i + self.batch_size)),
                               None if user_rep is None else user_rep[i:i + self.batch_size])
-      texts.extend(self._generate(self._batch(sub, rep, task))[:n])
+      batch = self._batch(sub, rep, task, min_prompt_len=min_prompt_len)
+      texts.extend(self._generate(params, batch)[:n])
     return texts
 
 
@@ -291,11 +301,11 @@ def shuffle_cycle(n: int, seed: int) -> np.ndarray:
   return perm
 
 
-def soft_token_diagnostics(ev: LLMEvaluator, es: EvalSet, user_rep: np.ndarray, prefix: str,
-                           seed: int, true_metrics: dict[str, float] | None = None,
+def soft_token_diagnostics(ev: LLMEvaluator, params, es: EvalSet, user_rep: np.ndarray,
+                           prefix: str, seed: int, true_metrics: dict[str, float] | None = None,
                            which: tuple[str, ...] = DIAGNOSTICS) -> dict[str, float]:
-  """Does the model use what it is told about the user? Ranking hit@1 / MRR and the target
-  loss with the true inputs and with one perturbation each:
+  """Does the model (`params`, scored by `ev`) use what it is told about the user? Ranking
+  hit@1 / MRR and the target loss with the true inputs and with one perturbation each:
 
   - user_shuffled: x_u taken from another user (one seeded random cycle, so no user keeps
     its own); the history in the prompt is still the user's.
@@ -323,11 +333,8 @@ def soft_token_diagnostics(ev: LLMEvaluator, es: EvalSet, user_rep: np.ndarray, 
   else:
     out.update({f"{prefix}{k}": float(v) for k, v in true_metrics.items()})
   for name, rows, rep, permute in runs:
-    ev.permute_items_seed = permute
-    try:
-      res = ev.evaluate(rows, rep, generate=False, desc=f"diag{name}")
-    finally:
-      ev.permute_items_seed = None
+    res = ev.evaluate(params, rows, rep, generate=False, desc=f"diag{name}",
+                      permute_items_seed=permute)
     m = ranking_metrics(res["scores"], "")
     out[f"{prefix}hit@1{name}"] = m["hit@1"]
     out[f"{prefix}mrr{name}"] = m["mrr"]

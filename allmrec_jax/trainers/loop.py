@@ -1,15 +1,29 @@
-"""What the training loops of every stage share: the finished marker, the checkpoint
-cadence, the progress indicator and the metric writer.
+"""The one training loop of every stage (CF, stage 1, stage 2) and of the experiment scripts.
 
-  loop = TrainLoop(stage_dir, name="stage1", total=1000, initial=restored_step,
-                   ckpt_every=100, manager=manager, truncate_key="step")
-  for ...:
-    state, metrics = train_step(state, frozen, batch, rng)
-    loop.advance()
-    if loop.log_due(step): loop.log(step, {...}, postfix={"loss": ...})
-    if loop.ckpt_due(step, end_of_epoch): loop.save(step, params=..., opt_state=..., extra=...)
-  loop.close()
-  mark_finished(stage_dir, {"steps": step})
+A stage hands `run` a step function, a resumable data iterator and its evaluator; the loop
+owns the rest: iteration, the log / evaluation / checkpoint cadence, resume (train state +
+the data iterator's state, one checkpoint format), preemption (SIGTERM / SIGINT), early
+stopping and the finished marker.
+
+  result = loop.run(stage_dir, name="stage1", state=state, step_fn=step, data=iterator,
+                    total=1000, ckpt_every=100, manager=manager,
+                    finalize=lambda state: {"steps": 1000})
+
+  step_fn(state, batch) -> (state, metrics)   metrics: {"train/<name>": float[]}
+  data: next(data) -> batch; data.get_state() -> JSON-able; data.set_state(that)
+  evaluate(params, i) -> {name: float}         every `eval_every` iterations and at the end
+
+One iteration is one call of `step_fn`: a training step, or (CF) a jitted scan over an
+epoch's steps (`unit="epoch"`, `steps_per_call` = steps per epoch).
+
+Checkpoint `extra` (one format for every stage): {"iteration": i, "state_step": the state's
+step counter, "data": the iterator's state after batch i, "loop": early-stopping record}.
+
+Preemption: SIGTERM or SIGINT during the loop finishes the current iteration, saves a
+checkpoint there, logs one line naming the step, and raises `Preempted` (the launchers exit
+non-zero); on multi-process runs the processes agree on the step through JAX's preemption
+sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`, which needs
+`jax.distributed.initialize`), as MaxText does. A rerun resumes from that checkpoint.
 
 Every stage folder (`cf/`, `stage1/`, `stage2/`, and the variants' `stage2_*/`) holds a
 `FINISHED` file (a JSON record) once its training is complete; a rerun that finds it
@@ -18,13 +32,26 @@ restores the result instead of training.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
 
 from allmrec_jax import checkpointing
 from allmrec_jax import logging_utils
 
 MARKER = "FINISHED"
+EXIT_PREEMPTED = 143       # a launcher's exit status after a preemption (128 + SIGTERM)
 
 
 def finished(stage_dir) -> dict | None:
@@ -42,64 +69,237 @@ def finished(stage_dir) -> dict | None:
 
 def mark_finished(stage_dir, record: dict) -> None:
   """Writes the finished record (process 0 only, like every other output)."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     (pathlib.Path(stage_dir) / MARKER).write_text(json.dumps(record) + "\n")
 
 
-class TrainLoop:
-  """Progress, metric writing (`logging_utils.MetricWriter`: metrics.jsonl + TensorBoard)
-  and checkpoint cadence of one stage's loop over steps (or epochs).
+class Preempted(RuntimeError):
+  """The run received SIGTERM / SIGINT; a checkpoint at `step` was saved."""
+
+  def __init__(self, name: str, step: int, unit: str):
+    super().__init__(f"{name}: preempted at {unit} {step}; checkpoint saved, rerun the same "
+                     "command to resume from it")
+    self.step = step
+
+
+class _SignalFlag:
+  """Set by SIGTERM / SIGINT while installed (main thread only; elsewhere a no-op)."""
+
+  def __init__(self):
+    self.raised: int | None = None
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    def handler(signum, _frame):
+      self.raised = signum
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+
+
+def _preemption_due(flag: _SignalFlag, step: int) -> bool:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    try:
+      return bool(multihost_utils.reached_preemption_sync_point(step)) or (
+          flag.raised is not None)
+    except RuntimeError:   # no preemption service (jax.distributed without it)
+      pass
+  return flag.raised is not None
+
+
+class EpochBatches:
+  """A resumable iterator over epochs of batches: `make_epoch(epoch, start)` yields the
+  batches of `epoch` from index `start`; state {"epoch", "next_batch"}."""
+
+  def __init__(self, make_epoch: Callable[[int, int], Iterator], batches_per_epoch: int):
+    self._make, self._per_epoch = make_epoch, int(batches_per_epoch)
+    self.epoch, self.next_batch, self._it = 0, 0, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      self._it = iter(self._make(self.epoch, self.next_batch))
+    item = next(self._it)
+    self.next_batch += 1
+    if self.next_batch >= self._per_epoch:
+      self.epoch, self.next_batch, self._it = self.epoch + 1, 0, None
+    return item
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "next_batch": self.next_batch}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+    self._it = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stop after `patience` evaluations without improving `metric` (higher is better)."""
+  metric: str
+  patience: int
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: dict
+  iteration: int           # iterations done
+  completed: bool          # reached `total` or stopped early (finalized, marker written)
+  record: dict             # the last metrics row
+  final: dict | None       # what `finalize` returned
+
+
+def _floats(metrics) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run(stage_dir, *, name: str, state: dict, step_fn, data, total: int, ckpt_every: int,
+        manager, log_every: int = 1, evaluate: Callable[[Any, int], dict] | None = None,
+        eval_every: int = 0, eval_at_start: bool = False, on_eval=None,
+        early_stopping: EarlyStopping | None = None, unit: str = "step",
+        steps_per_call: int = 1, count_fn: Callable[[Any], float] | None = None,
+        rate_name: str = "", finalize: Callable[[dict], dict] | None = None,
+        stop_after: int | None = None, progress: bool = True) -> LoopResult:
+  """Trains `state` for `total` iterations of `step_fn` over `data`, resuming from the latest
+  readable checkpoint of `manager`.
 
   Args:
-    stage_dir: the stage's folder.
-    name: the progress indicator's label.
-    total, initial: the loop's length and where a resumed run starts.
-    ckpt_every: steps between checkpoints (the last step and `force` always save).
-    manager: the orbax CheckpointManager (`checkpointing.make_manager`).
-    log_every: steps between metric records (the last step always logs).
-    truncate_key: metrics.jsonl rows past `initial` under this key ("step", "epoch") are
-      dropped: what an interrupted run logged after its last checkpoint is logged again.
-    progress: False = no progress indicator.
-    unit: the progress indicator's unit.
+    stage_dir: the stage's folder (metrics.jsonl, TensorBoard, FINISHED).
+    state: {"params", "opt_state", "step"} already placed on its devices; a checkpoint
+      restores into the same shardings.
+    step_fn: (state, batch) -> (state, metrics).
+    data: the resumable iterator (`get_state` / `set_state`).
+    total: iterations in all; ckpt_every / log_every / eval_every: cadences in iterations
+      (the last iteration always logs, evaluates and saves).
+    evaluate: (params, iteration) -> metrics, merged into that iteration's row;
+      `eval_at_start` also evaluates before the first iteration; `on_eval(iteration)` runs
+      after an evaluated row is written (e.g. to plot the curve).
+    early_stopping: stop once its metric has not improved for `patience` evaluations;
+      evaluated checkpoints carry the evaluation's metrics (for a manager's best step).
+    unit: "step" or "epoch": the name of the iteration counter in metrics.jsonl rows;
+      `steps_per_call` training steps per iteration (row key "step" = their count).
+    count_fn, rate_name: items in a batch -> `rate_name` = items per second in the row.
+    finalize: state -> record, once training is complete (not when interrupted): final
+      evaluation and outputs; its record goes into the FINISHED marker.
+    stop_after: stop once this iteration is done, as if killed there (no extra checkpoint,
+      no finalize, no marker): tests and drills.
   """
+  stage_dir = pathlib.Path(stage_dir)
+  writer = logging_utils.MetricWriter(stage_dir)
+  restored = checkpointing.restore(manager, abstract={"params": state["params"],
+                                                      "opt_state": state["opt_state"]},
+                                   quarantine=True)
+  start, loop_state = 0, {"best": -math.inf, "bad": 0, "stopped": False}
+  if restored is None:
+    writer.reset()
+  else:
+    extra = restored["extra"]
+    start = int(extra["iteration"])
+    state = {"params": restored["params"], "opt_state": restored["opt_state"],
+             "step": jax.device_put(jnp.asarray(extra["state_step"], jnp.int32),
+                                    state["step"].sharding)}
+    data.set_state(extra["data"])
+    loop_state.update(extra.get("loop", {}))
+    writer.truncate(unit, start)
+    logging.info("%s: resumed at %s %d", name, unit, start)
+  indicator = None
+  if progress:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    indicator = tqdm.tqdm(total=total, initial=start, desc=name, unit=unit,
+                          dynamic_ncols=True, leave=False)
+  ckpt_every, log_every = max(int(ckpt_every), 1), max(int(log_every), 1)
+  eval_every = int(eval_every) if evaluate is not None else 0
 
-  def __init__(self, stage_dir, *, name: str, total: int, initial: int, ckpt_every: int,
-               manager, log_every: int = 1, truncate_key: str = "step",
-               progress: bool = True, unit: str = "step"):
-    self.total, self.ckpt_every = int(total), max(int(ckpt_every), 1)
-    self.log_every, self.manager = max(int(log_every), 1), manager
-    self.writer = logging_utils.MetricWriter(pathlib.Path(stage_dir))
-    self.writer.truncate(truncate_key, int(initial))
-    self._indicator = None
-    if progress:
-      import tqdm  # pylint: disable=import-outside-toplevel
-      self._indicator = tqdm.tqdm(total=self.total, initial=int(initial), desc=name,
-                                  unit=unit, dynamic_ncols=True, leave=False)
+  def save(i, data_state, metrics=None):
+    checkpointing.save(manager, i, params=state["params"], opt_state=state["opt_state"],
+                       extra={"iteration": i, "state_step": int(state["step"]),
+                              "data": data_state, "loop": loop_state},
+                       metrics=metrics)
 
-  @property
-  def path(self) -> pathlib.Path:
-    return self.writer.path
+  def run_eval(i) -> dict:
+    t0 = time.perf_counter()
+    m = {k: float(v) for k, v in evaluate(jax.device_get(state["params"]), i).items()}
+    m["eval/seconds"] = time.perf_counter() - t0
+    logging.info("%s %s %d: %s", name, unit, i, m)
+    return m
 
-  def advance(self, n: int = 1) -> None:
-    if self._indicator is not None:
-      self._indicator.update(n)
-
-  def log_due(self, step: int) -> bool:
-    return step % self.log_every == 0 or step >= self.total
-
-  def ckpt_due(self, step: int, force: bool = False) -> bool:
-    return force or step % self.ckpt_every == 0 or step >= self.total
-
-  def log(self, step: int, record: dict, postfix: dict | None = None) -> None:
-    self.writer.write(record, step)
-    if postfix and self._indicator is not None:
-      self._indicator.set_postfix(**postfix)
-
-  def save(self, step: int, **items) -> None:
-    checkpointing.save(self.manager, step, **items)
-
-  def close(self) -> None:
-    if self._indicator is not None:
-      self._indicator.close()
-    self.writer.close()
+  if eval_at_start and eval_every and start == 0:
+    writer.write({unit: 0, **run_eval(0)}, 0)
+    if on_eval is not None:
+      on_eval(0)
+  record: dict = {}
+  i, completed, flag = start, bool(loop_state["stopped"]) or start >= total, _SignalFlag()
+  t_window, n_window, items = time.perf_counter(), 0, 0.0
+  try:
+    with flag.installed():
+      batch = next(data) if not completed else None
+      while not completed:
+        state, metrics = step_fn(state, batch)
+        if count_fn is not None:
+          items += float(count_fn(batch))
+        i += 1
+        data_state = data.get_state()
+        if i < total:                 # read the next batch while the device runs this one
+          batch = next(data)
+        n_window += 1
+        if indicator is not None:
+          indicator.update(1)
+        evaluated = bool(eval_every) and (i % eval_every == 0 or i == total)
+        if i % log_every == 0 or i == total or evaluated:
+          m = _floats(metrics)
+          loss = m.get("train/loss", 0.0)
+          if not math.isfinite(loss):
+            raise FloatingPointError(f"{name}: training loss is {loss} at {unit} {i} "
+                                     "(lower the learning rate?)")
+          dt = time.perf_counter() - t_window
+          record = {unit: i, "step": i * steps_per_call, **m,
+                    f"train/{unit}_time_s": dt / n_window}
+          if rate_name:
+            record[rate_name] = items / max(dt, 1e-9)
+          eval_m = {}
+          if evaluated:
+            eval_m = run_eval(i)
+            record.update(eval_m)
+            if early_stopping is not None:
+              value = eval_m[early_stopping.metric]
+              if value > loop_state["best"]:
+                loop_state["best"], loop_state["bad"] = value, 0
+              else:
+                loop_state["bad"] += 1
+              loop_state["stopped"] = loop_state["bad"] >= early_stopping.patience
+          writer.write(record, i * steps_per_call)
+          if evaluated and on_eval is not None:
+            on_eval(i)
+          if indicator is not None:
+            indicator.set_postfix(loss=f"{loss:.4f}")
+          t_window, n_window, items = time.perf_counter(), 0, 0.0
+        completed = i >= total or bool(loop_state["stopped"])
+        preempt = _preemption_due(flag, i)
+        if i % ckpt_every == 0 or completed or evaluated or preempt:
+          save(i, data_state, metrics=eval_m if evaluated and early_stopping else None)
+        if loop_state["stopped"]:
+          logging.info("%s: early stop at %s %d", name, unit, i)
+        if preempt:
+          err = Preempted(name, i, unit)
+          logging.warning("%s", err)
+          raise err
+        if stop_after is not None and i >= stop_after and not completed:
+          return LoopResult(state, i, False, record, None)
+  finally:
+    if indicator is not None:
+      indicator.close()
+    writer.close()
+  final = None
+  if finalize is not None:
+    final = finalize(state)
+  mark_finished(stage_dir, final if final is not None else {unit: i})
+  return LoopResult(state, i, True, record, final)

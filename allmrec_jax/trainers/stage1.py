@@ -29,9 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
-import time
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -44,16 +42,37 @@ from allmrec_jax import checkpointing
 from allmrec_jax import config_lib
 from allmrec_jax import common_types as ct
 from allmrec_jax import losses
-from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
-from allmrec_jax.data import scenarios
 from allmrec_jax.models import aligner
 from allmrec_jax.models.text import bert
 from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import steps as steps_lib
 from allmrec_jax.weights import sbert as sbert_lib
+
+# Re-exported: stage 1's item-text and alignment-metric parts live in their own modules.
+from allmrec_jax.trainers.stage1_text import (  # noqa: F401
+    WORD_PATH,
+    CompactVocab,
+    compact_vocab,
+    get_path,
+    init_opt_state,
+    item_text_table,
+    item_texts,
+    pack_batch_texts,
+    packing_rows,
+    standardize_text,
+    text_stats,
+    sbert_embed_all,
+    to_compact,
+    with_path,
+)
+from allmrec_jax.trainers.stage1_eval import (  # noqa: F401
+    cold_items,
+    evaluate_alignment,
+    text_to_item_recall,
+)
 
 Array = ct.Array
 PyTree = ct.PyTree
@@ -118,24 +137,6 @@ def make_models(cf_dim: int, sbert_module: bert.BertEncoder, latent_dim: int = 1
                       sbert_module)
 
 
-def item_texts(dataset: dataset_lib.RecDataset) -> list[str]:
-  """len N+1: "" for the padding item 0, then `dataset.item_text(i)`."""
-  return [""] + [dataset.item_text(i) for i in range(1, dataset.num_items + 1)]
-
-
-def item_text_table(dataset: dataset_lib.RecDataset, tokenizer, max_len: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenises every item text once: (ids int32[N+1, T], mask int32[N+1, T]).
-
-  T = min(max_len, the longest item text rounded up to a multiple of 8): trailing columns
-  that are padding for every item are dropped (they cannot change an embedding).
-  """
-  ids, mask = sbert_lib.tokenize_texts(tokenizer, item_texts(dataset), max_len)
-  longest = int(mask.sum(axis=1).max()) if mask.size else 1
-  t = min(max_len, max(8, -(-longest // 8) * 8))
-  return ids[:, :t], mask[:, :t]
-
-
 def init_trainable(models: Stage1Models, rng: Array, sbert_params: PyTree,
                    freeze_sbert: bool) -> PyTree:
   """{"item_ae", "text_ae"} (fresh, torch-Linear init) + {"sbert"} unless frozen."""
@@ -157,129 +158,6 @@ def make_optimizer(cfg: Stage1Config) -> optax.GradientTransformation:
   return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=1e-8)
 
 
-_WORD = ("sbert", "word", "embedding")
-
-
-class CompactVocab(NamedTuple):
-  """The SBERT vocabulary rows the item texts use (`stage1.compact_vocab`).
-
-  Only these rows of the word-embedding table ever get a gradient, so Adam over them alone
-  is Adam over the whole table: the other rows keep m = v = 0 and an update of exactly 0.
-  The train step gathers these rows, differentiates and updates them as a [U, t] leaf
-  (Adam state [U, t]) and scatters them back, instead of materialising and updating a dense
-  [vocab, t] gradient every step (30522 x 384 for MiniLM).
-  """
-  rows: Array      # int32[U] sorted vocabulary ids
-  remap: Array     # int32[vocab]: id -> index in `rows` (0 for ids no item text uses)
-  module: bert.BertEncoder   # the SBERT with vocab_size = U
-
-
-def compact_vocab(text_ids: np.ndarray, module: bert.BertEncoder) -> CompactVocab:
-  """CompactVocab of the token table `text_ids` (every id any item text or pad uses)."""
-  rows = np.unique(np.concatenate([np.asarray(text_ids).reshape(-1), [0]])).astype(np.int32)
-  vocab = module.config.vocab_size
-  if rows[-1] >= vocab:
-    raise ValueError(f"stage1: token id {int(rows[-1])} >= the SBERT vocab_size {vocab}")
-  remap = np.zeros(vocab, np.int32)
-  remap[rows] = np.arange(rows.size, dtype=np.int32)
-  small = bert.BertEncoder(dataclasses.replace(module.config, vocab_size=int(rows.size)))
-  return CompactVocab(jnp.asarray(rows), jnp.asarray(remap), small)
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _with(tree, path, value):
-  """A copy of nested dict `tree` with tree[path] = value."""
-  out = dict(tree)
-  out[path[0]] = value if len(path) == 1 else _with(tree[path[0]], path[1:], value)
-  return out
-
-
-def to_compact(trainable: PyTree, vocab: CompactVocab | None) -> PyTree:
-  """The trainable tree with the word-embedding table cut to `vocab.rows` (unchanged when
-  vocab is None or SBERT is frozen)."""
-  if vocab is None or "sbert" not in trainable:
-    return trainable
-  return _with(trainable, _WORD, _get(trainable, _WORD)[vocab.rows])
-
-
-def init_opt_state(tx: optax.GradientTransformation, trainable: PyTree,
-                   vocab: CompactVocab | None = None) -> PyTree:
-  """tx.init over the tree the step differentiates (compact word rows with `vocab`)."""
-  return tx.init(to_compact(trainable, vocab))
-
-
-def packing_rows(text_mask: np.ndarray, batch_size: int, slack: float = 1.05
-                 ) -> tuple[int, ...]:
-  """Static row counts for packing the 2B texts of a batch into rows of T tokens.
-
-  The first bucket holds the average batch with `slack` (rounded up to a multiple of 4),
-  the second 25% more, then each doubles up to 2B rows (always enough), so the hot loop
-  compiles a handful of shapes at most. On MovieLens-100K at B=60 (T=32, ~695 tokens per
-  batch, 21-25 rows needed) the buckets are (24, 32, 64, 120): ~90% of the token slots
-  are real tokens.
-  """
-  t = text_mask.shape[1]
-  mean_len = float(text_mask[1:].sum(1).mean()) if text_mask.shape[0] > 1 else float(t)
-
-  def up4(x: float) -> int:
-    r = max(1, int(math.ceil(x)))
-    return -(-r // 4) * 4 if r > 4 else r
-  r = up4(slack * 2 * batch_size * mean_len / t)
-  out = []
-  nxt = up4(1.25 * r)
-  while r < 2 * batch_size:
-    out.append(r)
-    r, nxt = nxt, 2 * nxt
-  out.append(2 * batch_size)
-  return tuple(out)
-
-
-def pack_batch_texts(batch: dict[str, np.ndarray], text_ids: np.ndarray,
-                     text_mask: np.ndarray, rows: tuple[int, ...]) -> dict[str, Any]:
-  """Adds batch["packed_text"]: the pos then neg item texts packed into the first row
-  bucket they fit (host side, numpy; the tokenizer is never called)."""
-  items = np.concatenate([batch["pos"], batch["neg"]]).astype(np.int64)
-  ids, mask = text_ids[items], text_mask[items]
-  for r in rows:
-    packed = bert.pack_texts(ids, mask, rows=r)
-    if packed is not None:
-      return {**batch, "packed_text": packed}
-  raise AssertionError("pack_batch_texts: the last bucket (2B rows) always fits")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _sbert_forward_packed(module: bert.BertEncoder, params, packed, num_texts: int):
-  return module.apply({"params": params}, packed["input_ids"], packed["attention_mask"],
-                      positions=packed["positions"], segment_ids=packed["segment_ids"],
-                      text_index=packed["text_index"], num_texts=num_texts)[0]
-
-
-def sbert_embed_all(module: bert.BertEncoder, params: PyTree, ids: np.ndarray,
-                    mask: np.ndarray, batch_size: int = 256) -> Array:
-  """float[N+1, t] SBERT embeddings of the whole token table (deterministic).
-
-  Chunks of `batch_size` texts, each packed several texts per row (`bert.pack_texts`;
-  same embeddings as one row per text).
-  """
-  n = ids.shape[0]
-  batch_size = max(1, min(batch_size, n))
-  pad = (-n) % batch_size
-  ids_p = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-  mask_p = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-  buckets = packing_rows(mask, -(-batch_size // 2))
-  outs = []
-  for i in range(0, n + pad, batch_size):
-    b = {"pos": np.zeros(0, np.int64), "neg": np.arange(i, i + batch_size)}
-    packed = pack_batch_texts(b, ids_p, mask_p, buckets)["packed_text"]
-    outs.append(_sbert_forward_packed(module, params, packed, batch_size))
-  return jnp.concatenate(outs)[:n]
-
-
 def cf_variables(cf_params: PyTree) -> PyTree:
   """Flax variables {"params": ...} from either the variables or the bare params tree
   (`load_trained_cf` returns the bare "params" collection)."""
@@ -293,22 +171,6 @@ def cf_item_table(cf_model, cf_params) -> Array:
   return cf_model.apply(cf_variables(cf_params), method=cf_model.item_embeddings)
 
 
-def text_stats(text_table: Array, eps: float = 1e-6) -> dict[str, Array]:
-  """{"mean", "scale": float[t]} per-dimension mean and standard deviation of the SBERT
-  embeddings of items 1..N (row 0, the padding item, excluded); used by
-  `stage1.text_standardize` to feed (Q - mean) / scale to the text auto-encoder."""
-  q = jnp.asarray(text_table, jnp.float32)[1:]
-  return {"mean": jnp.mean(q, axis=0), "scale": jnp.maximum(jnp.std(q, axis=0), eps)}
-
-
-def standardize_text(q: Array, stats: dict[str, Array] | None) -> Array:
-  """(q - mean) / scale with `text_stats`, or q unchanged when stats is None."""
-  if stats is None:
-    return q
-  return ((q.astype(jnp.float32) - stats["mean"]) / stats["scale"]).astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------- step
 def stage1_loss(trainable: PyTree, frozen: dict[str, Any], batch: dict[str, Array],
                 rng: Array, *, models: Stage1Models, cf_model, cfg: Stage1Config
                 ) -> tuple[Array, dict[str, Array]]:
@@ -411,8 +273,8 @@ def make_train_step(models: Stage1Models, cf_model, cfg: Stage1Config,
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     if vocab is not None and "sbert" in trainable:   # scatter the rows back
-      rows = _get(trainable, _WORD)
-      trainable = _with(trainable, _WORD, _get(full, _WORD).at[vocab.rows].set(rows))
+      rows = get_path(trainable, WORD_PATH)
+      trainable = with_path(trainable, WORD_PATH, get_path(full, WORD_PATH).at[vocab.rows].set(rows))
     out = {"train/loss": total, "train/grad_norm": optax.global_norm(grads)}
     out.update({f"train/{k}": v for k, v in terms.items()})
     return steps_lib.new_state(trainable, opt_state, state["step"] + 1), out
@@ -455,99 +317,6 @@ def joint_item_embeddings(models: Stage1Models, params: PyTree, *, source: str =
 
 
 # ----------------------------------------------------------------------------- evaluation
-def cold_items(dataset: dataset_lib.RecDataset, fraction: float = 0.35) -> np.ndarray:
-  """bool[N+1]: the cold items of `scenarios.cold_warm_items` (bottom `fraction` by count)."""
-  cold, _ = scenarios.cold_warm_items(dataset, fraction)
-  out = np.zeros(dataset.num_items + 1, bool)
-  out[cold] = True
-  return out
-
-
-def text_to_item_recall(q: Array, e: Array, ks=(1, 10), batch_size: int = 512
-                        ) -> dict[str, float]:
-  """For every item i >= 1, ranks all joint embeddings e_j (j >= 1) by squared distance to
-  q_i; recall@k = share of items whose own e_i is among the k nearest (ties pessimistic).
-
-  q, e: float[N+1, latent] (row 0 = padding, ignored).
-  """
-  q = jnp.asarray(q)[1:]
-  e = jnp.asarray(e)[1:]
-  n = q.shape[0]
-
-  @jax.jit
-  def ranks_of(qb, idx):
-    d = (jnp.sum(qb * qb, -1)[:, None] - 2 * qb @ e.T + jnp.sum(e * e, -1)[None, :])
-    return metrics_lib.rank_of_item(-d, idx)
-
-  ranks = []
-  for s in range(0, n, batch_size):
-    idx = jnp.arange(s, min(s + batch_size, n), dtype=jnp.int32)
-    ranks.append(np.asarray(ranks_of(q[s:s + batch_size], idx)))
-  r = np.concatenate(ranks)
-  out = {f"align/text2item_recall@{k}": float(np.mean(r < k)) for k in ks}
-  out["align/text2item_mean_rank"] = float(np.mean(r))
-  out["align/random_recall@10"] = float(min(1.0, 10 / max(n, 1)))
-  return out
-
-
-def evaluate_alignment(models: Stage1Models, params: PyTree, *, dataset, cf_model,
-                       cf_params, item_table: Array, text_ids: np.ndarray,
-                       text_mask: np.ndarray, cfg: Stage1Config) -> dict[str, float]:
-  """Alignment metrics: text->item retrieval and the cold-item scoring path.
-
-  cold/hit@1_text: test users whose target is a cold item; their 20 stored candidates
-  scored with s(x_u, f_I^dec(e_i)), e_i = f_T^enc(SBERT(text_i)); cold/hit@1_cf: the same
-  with e_i = f_I^enc(E_i); cold/hit@1_cf_model: the CF model's own scores. Same for warm
-  users (target in the top fraction, `scenarios.cold_warm_users`) under warm/, and all/.
-  """
-  cf_params = cf_variables(cf_params)
-  e = joint_item_embeddings(models, params, source="cf", item_table=item_table)
-  q = joint_item_embeddings(models, params, source="text", text_ids=text_ids,
-                            text_mask=text_mask, batch_size=cfg.eval_batch_size)
-  out = text_to_item_recall(q, e)
-
-  users = dataset.eval_users("test")
-  if users.size:
-    hist = dataset.history_matrix("test", cfg.maxlen)[users]
-    cands = dataset.candidates("test")[users]
-    groups = scenarios.cold_warm_users(dataset, "test", cfg.cold_fraction)
-    cold = np.isin(users, groups["cold"])
-    warm = np.isin(users, groups["warm"])
-    dec = {
-        "text": models.item_ae.apply({"params": params["item_ae"]}, q,
-                                     method=models.item_ae.decode),
-        "cf": models.item_ae.apply({"params": params["item_ae"]}, e,
-                                   method=models.item_ae.decode),
-    }
-
-    @jax.jit
-    def scores(h, c):
-      x = cf_model.apply(cf_params, h, method=cf_model.user_representation)
-      res = {k: jnp.mean(x[:, None, :] * v[c], axis=-1) for k, v in dec.items()}
-      res["cf_model"] = cf_model.apply(cf_params, h, c, method=cf_model.score)
-      return {k: metrics_lib.rank_of_target(v) for k, v in res.items()}
-
-    bs = cfg.eval_batch_size
-    ranks: dict[str, list[np.ndarray]] = {}
-    for s in range(0, users.size, bs):
-      h, c = hist[s:s + bs], cands[s:s + bs]
-      m = h.shape[0]
-      if m < bs:  # one compiled shape
-        h = np.concatenate([h, np.repeat(h[-1:], bs - m, 0)])
-        c = np.concatenate([c, np.repeat(c[-1:], bs - m, 0)])
-      for k, v in scores(h, c).items():
-        ranks.setdefault(k, []).append(np.asarray(v)[:m])
-    for k, v in ranks.items():
-      r = np.concatenate(v)
-      for group, sel in (("cold", cold), ("warm", warm), ("all", np.ones_like(cold))):
-        key = f"{group}/hit@1_{k}"
-        out[key] = float(np.mean(r[sel] == 0)) if sel.any() else float("nan")
-    out["cold/num_users"] = int(cold.sum())
-    out["warm/num_users"] = int(warm.sum())
-  return out
-
-
-# ----------------------------------------------------------------------------- training
 def _stage_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir).expanduser() / STAGE
 
@@ -640,74 +409,53 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
     frozen["text_stats"] = stats
 
   manager = checkpointing.make_manager(sdir / "ckpt", max_to_keep=2)
-  iterator = pipelines.make_iterator(data)
-  step = 0
-  restored = checkpointing.restore(manager, abstract={"params": trainable,
-                                                      "opt_state": opt_state},
-                                   quarantine=True)
-  if restored is not None:
-    trainable, opt_state = restored["params"], restored["opt_state"]
-    step = int(restored["extra"]["step"])
-    iterator.set_state(restored["extra"]["iterator"])
-    logging.info("stage1: resumed at step %d", step)
-
   # Data parallel over the mesh: the trainable tree, its optimizer state and the frozen
   # inputs replicated, every batch split over the data axes (gradients all-reduced by XLA).
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rep = sharding.replicated(mesh)
-  state = jax.device_put(steps_lib.new_state(trainable, opt_state, step), rep)
+  state = jax.device_put(steps_lib.new_state(trainable, opt_state, 0), rep)
   frozen = jax.device_put(frozen, rep)
   train_step = steps_lib.compile_step(
       make_train_step(models, cf_model, cfg, tx, vocab=vocab, jit=False), state, frozen)
-  loop = loop_lib.TrainLoop(sdir, name="stage1", total=total_steps, initial=step,
-                            ckpt_every=cfg.checkpoint_every if cfg.checkpoint_every > 0
-                            else spe, manager=manager, log_every=cfg.log_every)
-  jsonl = loop.path
-  t0, seen, first_step = time.perf_counter(), 0, step
-  try:
-    while step < total_steps:
-      batch = next(iterator)
-      batch = sharding.put_batch(mesh, {k: batch[k] for k in ("seq", "pos", "neg", "mask",
-                                                              "packed_text") if k in batch},
-                                 process_local=False)
-      state, m = train_step(state, frozen, batch, dropout_rng)
-      step += 1
-      if step == first_step + 1:  # exclude the compiling step from the rate
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-      else:
-        seen += int(batch["mask"].sum())
-      if loop.log_due(step):
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        m["train/epoch"] = (step - 1) // spe
-        m["train/users_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
-        loop.log(step, {"step": step, **m}, postfix={"loss": f"{m['train/loss']:.4f}"})
-      loop.advance()
-      if loop.ckpt_due(step):
-        loop.save(step, params=state["params"], opt_state=state["opt_state"],
-                  extra={"step": step, "iterator": iterator.get_state()})
-  finally:
-    loop.close()
+  batch_keys = ("seq", "pos", "neg", "mask", "packed_text")
 
-  params = dict(state["params"])
-  params.setdefault("sbert", sb.params)
-  if stats is not None:
-    params["text_stats"] = stats
-  results = evaluate_alignment(models, params, dataset=dataset, cf_model=cf_model,
-                               cf_params=cf_params, item_table=item_table,
-                               text_ids=text_ids, text_mask=text_mask, cfg=cfg)
-  results["train/steps"] = step
-  if jsonl.exists():
-    lines = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
-    if lines:
-      for k in ("train/loss",) + tuple(f"train/{t}" for t in LOSS_TERMS):
-        if k in lines[-1]:
-          results[f"final/{k}"] = lines[-1][k]
-          results[f"first/{k}"] = lines[0][k]
-  metrics_file.write_text(json.dumps(results, indent=2, default=_json_default))
-  loop_lib.mark_finished(sdir, {"steps": step})
-  logging.info("stage1: %s", results)
-  return results
+  def step_fn(st, batch):
+    batch = sharding.put_batch(mesh, {k: batch[k] for k in batch_keys if k in batch},
+                               process_local=False)
+    st, m = train_step(st, frozen, batch, dropout_rng)
+    return st, {**m, "train/epoch": (st["step"] - 1) // spe}
+
+  def finalize(state) -> dict:
+    params = dict(state["params"])
+    params.setdefault("sbert", sb.params)
+    if stats is not None:
+      params["text_stats"] = stats
+    e = joint_item_embeddings(models, params, source="cf", item_table=item_table)
+    q = joint_item_embeddings(models, params, source="text", text_ids=text_ids,
+                              text_mask=text_mask, batch_size=cfg.eval_batch_size)
+    results = evaluate_alignment(models.item_ae, params, dataset=dataset, cf_model=cf_model,
+                                 cf_variables=cf_params, e=e, q=q, maxlen=cfg.maxlen,
+                                 cold_fraction=cfg.cold_fraction,
+                                 batch_size=cfg.eval_batch_size)
+    results["train/steps"] = total_steps
+    jsonl = sdir / "metrics.jsonl"
+    if jsonl.exists():
+      lines = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
+      if lines:
+        for k in ("train/loss",) + tuple(f"train/{t}" for t in LOSS_TERMS):
+          if k in lines[-1]:
+            results[f"final/{k}"] = lines[-1][k]
+            results[f"first/{k}"] = lines[0][k]
+    metrics_file.write_text(json.dumps(results, indent=2, default=_json_default))
+    logging.info("stage1: %s", results)
+    return {"steps": total_steps}
+
+  loop_lib.run(sdir, name="stage1", state=state, step_fn=step_fn,
+               data=pipelines.make_iterator(data), total=total_steps,
+               ckpt_every=cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe,
+               manager=manager, log_every=cfg.log_every, rate_name="train/users_per_s",
+               count_fn=lambda batch: batch["mask"].sum(), finalize=finalize)
+  return json.loads(metrics_file.read_text())
 
 
 class Stage1Result(NamedTuple):

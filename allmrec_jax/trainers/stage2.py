@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import pathlib
-import time
 from collections.abc import Iterator
 
 from absl import logging
@@ -38,6 +37,7 @@ from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
 from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import steps as steps_lib
+from allmrec_jax.trainers import variants as variants_lib
 
 PyTree = ct.PyTree
 
@@ -389,22 +389,23 @@ def plot_learning_curve(metrics_path: pathlib.Path, png_path: pathlib.Path, titl
   plt.close(fig)
 
 
-def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm, llm_params,
-          builder: prompts_lib.PromptBuilder, user_rep_fn, item_table: np.ndarray,
-          name: str = "stage2", mesh=None, rules=None, use_user: bool = True,
-          use_items: bool = True, users: np.ndarray | None = None,
-          restore_only: bool = False, eval_fn=None, soft: bool = True) -> PyTree:
-  """Trains the projectors (resuming from `<workdir>/<name>/ckpt`); returns their params
-  ({"params": projectors}, plus {"lora": adapters} with config.stage2.train_lora).
+def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
+          variant: variants_lib.Variant, llm, llm_params, builder: prompts_lib.PromptBuilder,
+          user_rep_fn, item_table: np.ndarray, mesh=None, rules=None,
+          users: np.ndarray | None = None, restore_only: bool = False,
+          eval_fn=None) -> PyTree:
+  """Trains `variant` (resuming from `<workdir>/<variant.folder>/ckpt`); returns its params
+  ({"params": projectors}, plus {"lora": adapters} when it trains LoRA).
 
-  With soft=False the prompts are text only and the LLM's LoRA adapters are the only
-  trainable weights (the TALLRec baseline: {"lora": adapters}).
+  A text-only variant (TALLRec) has no projectors: the LLM's LoRA adapters are its only
+  trainable weights ({"lora": adapters}).
 
   With `restore_only`, a run whose checkpoint has not reached the configured number of
   steps raises instead of training (for tools that only read a finished run).
 
   Args:
     config: the full config (uses `config.stage2`, `config.data.maxlen`, `config.seed`).
+    variant: what the prompts carry and what trains (`trainers/variants.py`).
     ds: the dataset; `users` restricts training to a subset (few-shot).
     llm, llm_params: the frozen LLM.
     builder: the PromptBuilder of `ds`.
@@ -416,15 +417,15 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   """
   from allmrec_jax import checkpointing  # pylint: disable=import-outside-toplevel
   cfg = config_lib.Stage2Config.from_config(config)
+  name = variant.folder
+  soft, use_user, use_items = variant.soft, variant.use_user, variant.use_items
   out_dir = pathlib.Path(workdir) / name
   out_dir.mkdir(parents=True, exist_ok=True)
   ex = training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
                          positions_per_user=cfg.positions_per_user, users=users)
   user_rep = user_rep_fn(ex.seq)
   index = pipelines.train_exclusion_index(ds)
-  llm_dim = llm.config.hidden_size
-  if not soft:
-    use_user = use_items = False
+  llm_dim = llm.config.embed_dim     # the width of the input embeddings
   projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
   trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
                           item_table=item_table, optimizer=make_optimizer(cfg), mesh=mesh,
@@ -435,23 +436,12 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
                                 item_table.shape[1], user_rep.shape[1])
   else:
     trainable = {}
-  if cfg.train_lora or not soft:
+  if variant.trains_lora(cfg.train_lora):
     trainable["lora"] = lora_lib.init_adapters(llm, llm_params,
                                                jax.random.fold_in(jax.random.PRNGKey(
                                                    config.seed), 1))
   state = trainer.init_state(trainable)
   manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2)
-  epoch, start_batch = 0, 0
-  restored = checkpointing.restore(manager, abstract={"params": state["params"],
-                                                      "opt_state": state["opt_state"]},
-                                   quarantine=True)
-  if restored is not None:
-    state = {"params": restored["params"], "opt_state": restored["opt_state"],
-             "step": jax.device_put(jnp.asarray(restored["step"], jnp.int32),
-                                    sharding.replicated(trainer.mesh))}
-    epoch, start_batch = restored["extra"]["epoch"], restored["extra"]["next_batch"]
-    logging.info("%s: resumed at step %d (epoch %d, batch %d)", name, restored["step"],
-                 epoch, start_batch)
   n_batches = len(ex.users) // cfg.batch_size
   if n_batches == 0:
     raise ValueError(f"stage2: {len(ex.users)} training examples < batch size "
@@ -459,65 +449,33 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *, llm
   max_steps = cfg.num_epochs * n_batches
   if cfg.max_steps > 0:
     max_steps = min(max_steps, cfg.max_steps)
-  step = int(state["step"])
-  if restore_only and step < max_steps:
-    raise ValueError(f"stage2: {out_dir}/ckpt is at step {step} of {max_steps}; not a "
-                     "finished run for this config (pass the run's own --config.* overrides)")
-  loop = loop_lib.TrainLoop(out_dir, name=name, total=max_steps, initial=step,
-                            ckpt_every=cfg.ckpt_every, manager=manager,
-                            log_every=cfg.log_every)
-  eval_every = int(cfg.eval_every) if eval_fn is not None else 0
-
-  def run_eval(at_step: int):
-    t0 = time.perf_counter()
-    m = {k: float(v) for k, v in eval_fn(jax.device_get(state["params"])).items()}
-    m["val/seconds"] = time.perf_counter() - t0
-    loop.log(at_step, {"step": at_step, "epoch": epoch, **m})
-    if loop.writer.primary:
-      plot_learning_curve(loop.path, out_dir / "learning_curve.png", name)
-    logging.info("%s step %d: %s", name, at_step, m)
-
-  done_evals = {st for st, _ in read_curve(out_dir / "metrics.jsonl").get("val/hit@1", [])}
-  if eval_every and step == 0 and 0 not in done_evals:
-    run_eval(0)
-  t_last, tok_acc, steps_acc = time.perf_counter(), 0.0, 0
+  done = loop_lib.finished(out_dir)
+  if restore_only and (done is None or int(done.get("steps", -1)) < max_steps):
+    raise ValueError(f"stage2: {out_dir} is not a finished run of {max_steps} steps for "
+                     "this config (pass the run's own --config.* overrides)")
   shard = (jax.process_index(), jax.process_count())
-  while step < max_steps and epoch < cfg.num_epochs:
-    for j, arrays in iterate_batches(ex, user_rep, builder, ds, index,
+
+  def epoch_batches(epoch: int, start: int):
+    for _, arrays in iterate_batches(ex, user_rep, builder, ds, index,
                                      batch_size=cfg.batch_size,
                                      num_candidates=cfg.num_candidates, seed=config.seed,
-                                     epoch=epoch, start_batch=start_batch, shard=shard,
-                                     soft=soft,
+                                     epoch=epoch, start_batch=start, shard=shard, soft=soft,
                                      match_batch=match_batch(cfg, use_user and use_items)):
-      state, metrics = trainer.step(state, arrays)
-      step += 1
-      tok_acc += float(arrays["attention_mask"].sum())
-      steps_acc += 1
-      loop.advance()
-      if loop.log_due(step):
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        dt = time.perf_counter() - t_last
-        m["train/nonpad_tokens_per_s"] = tok_acc / max(dt, 1e-9)
-        m["train/step_time_s"] = dt / steps_acc   # the first window includes compiling
-        t_last, tok_acc, steps_acc = time.perf_counter(), 0.0, 0
-        loop.log(step, {"step": step, "epoch": epoch, **m},
-                 postfix={"loss": f"{m['train/loss']:.3f}",
-                          "tok_s": f"{m['train/nonpad_tokens_per_s']:.0f}"})
-      if eval_every and (step % eval_every == 0 or step == max_steps):
-        run_eval(step)
-      last = j + 1 == n_batches
-      if loop.ckpt_due(step, force=last):
-        nxt_epoch, nxt_batch = (epoch + 1, 0) if last else (epoch, j + 1)
-        loop.save(step, params=state["params"], opt_state=state["opt_state"],
-                  extra={"epoch": nxt_epoch, "next_batch": nxt_batch})
-      if step >= max_steps:
-        break
-    else:
-      epoch, start_batch = epoch + 1, 0
-      continue
-    break
-  loop.close()
-  if step >= max_steps:
-    loop_lib.mark_finished(out_dir, {"steps": step})
-  logging.info("%s: %d steps; compiled shapes %s", name, step, sorted(trainer.compiled_shapes))
+      yield arrays
+
+  def plot(_):
+    if jax.process_index() == 0:
+      plot_learning_curve(out_dir / "metrics.jsonl", out_dir / "learning_curve.png", name)
+
+  result = loop_lib.run(
+      out_dir, name=name, state=state, step_fn=trainer.step,
+      data=loop_lib.EpochBatches(epoch_batches, n_batches), total=max_steps,
+      ckpt_every=cfg.ckpt_every, manager=manager, log_every=cfg.log_every,
+      evaluate=None if eval_fn is None else lambda params, _: eval_fn(params),
+      eval_every=int(cfg.eval_every), eval_at_start=True, on_eval=plot,
+      count_fn=lambda arrays: arrays["attention_mask"].sum(),
+      rate_name="train/nonpad_tokens_per_s", finalize=lambda _: {"steps": max_steps})
+  state = result.state
+  logging.info("%s: %d steps; compiled shapes %s", name, result.iteration,
+               sorted(trainer.compiled_shapes))
   return jax.device_get(state["params"])

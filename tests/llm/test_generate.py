@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from allmrec_jax import generate as gen
+from allmrec_jax import scoring
 from allmrec_jax import testing
 from allmrec_jax.weights import llm as llm_weights
 
@@ -226,7 +227,7 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   module, params, hf, _ = tiny
   ids, mask = _left_padded(PROMPTS)
   cids, cmask = _conts(CONTS)
-  total, count = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+  total, count = scoring.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
                                          cont_ids=cids, cont_mask=cmask)
   assert total.shape == (3, 4) and total.dtype == jnp.float32
   np.testing.assert_array_equal(count, cmask.sum(-1))
@@ -244,14 +245,14 @@ def test_score_continuations_matches_full_forward_and_transformers(tiny):
   np.testing.assert_allclose(flat, _full_forward_logprobs(ours, pairs), atol=1e-4, rtol=0)
   np.testing.assert_allclose(flat, _full_forward_logprobs(theirs, pairs), atol=1e-4, rtol=0)
   # Two passes of 3 continuations (the second padded) give the same scores.
-  total_k, count_k = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+  total_k, count_k = scoring.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
                                              cont_ids=cids, cont_mask=cmask,
                                              candidates_per_pass=3)
   np.testing.assert_allclose(total_k, total, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(count_k, count)
   # Soft-prompt path: the same prompt as embeddings scores the same.
   embeds = module.apply({"params": params}, jnp.asarray(ids), method=module.embed)
-  total_e, _ = gen.score_continuations(module, params, prompt_embeds=embeds, prompt_mask=mask,
+  total_e, _ = scoring.score_continuations(module, params, prompt_embeds=embeds, prompt_mask=mask,
                                        cont_ids=cids, cont_mask=cmask)
   np.testing.assert_allclose(total_e, total, atol=1e-5, rtol=0)
 
@@ -265,15 +266,15 @@ def test_rank_and_generate_equals_the_two_separately(tiny, new_tokens, per_pass,
   ids, mask = _left_padded(PROMPTS)
   cids, cmask = _conts(CONTS)
   eos, options = gen.generation_options(None, repetition_penalty=1.5)
-  fn = jax.jit(gen.rank_and_generate_fn, static_argnums=(0,),
+  fn = jax.jit(scoring.rank_and_generate_fn, static_argnums=(0,),
                static_argnames=("max_new_tokens", "pad_id", "candidates_per_pass",
                                 "packed_len"))
   total, count, out = fn(module, params, jnp.asarray(ids), None, jnp.asarray(mask),
                          jnp.asarray(cids), jnp.asarray(cmask), eos, options,
                          jax.random.PRNGKey(0), max_new_tokens=new_tokens, pad_id=PAD,
                          candidates_per_pass=per_pass,
-                         packed_len=gen.packed_length(cmask, per_pass, 1) if packed else None)
-  ref_total, ref_count = gen.score_continuations(module, params, prompt_ids=ids,
+                         packed_len=scoring.packed_length(cmask, per_pass, 1) if packed else None)
+  ref_total, ref_count = scoring.score_continuations(module, params, prompt_ids=ids,
                                                  prompt_mask=mask, cont_ids=cids,
                                                  cont_mask=cmask)
   ref = gen.generate(module, params, input_ids=ids, attention_mask=mask,
@@ -289,9 +290,9 @@ def test_packed_length():
   m = np.zeros((2, 3, 4), np.int32)
   m[0, :, :3] = 1                                   # row 0: 9 tokens
   m[1, 0, :4] = 1                                   # row 1: 4 tokens
-  assert gen.packed_length(m, multiple=8) == 16
-  assert gen.packed_length(m, candidates_per_pass=1, multiple=1) == 4
-  assert gen.packed_length(m, candidates_per_pass=2, multiple=1) == 6
+  assert scoring.packed_length(m, multiple=8) == 16
+  assert scoring.packed_length(m, candidates_per_pass=1, multiple=1) == 4
+  assert scoring.packed_length(m, candidates_per_pass=2, multiple=1) == 6
 
 
 def test_explicit_attention_pattern_needs_positions(tiny):
@@ -323,11 +324,11 @@ def test_sharded_params_give_the_same_results(tiny):
   cids, cmask = _conts(CONTS)
   kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, eos_id=None, pad_id=PAD)
   ref = gen.generate(module, params, **kw)
-  ref_score, _ = gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+  ref_score, _ = scoring.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
                                          cont_ids=cids, cont_mask=cmask)
   with shd.activate(mesh):
     out = gen.generate(module, sharded, **kw)
-    score, _ = gen.score_continuations(module, sharded, prompt_ids=ids, prompt_mask=mask,
+    score, _ = scoring.score_continuations(module, sharded, prompt_ids=ids, prompt_mask=mask,
                                        cont_ids=cids, cont_mask=cmask)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(score, ref_score, atol=1e-4, rtol=0)
@@ -346,7 +347,7 @@ def test_bad_inputs_raise(tiny):
                  eos_id=None, pad_id=0, temperature=1.0)
   cids, cmask = _conts(CONTS)
   with pytest.raises(ValueError, match="must both be"):
-    gen.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
+    scoring.score_continuations(module, params, prompt_ids=ids, prompt_mask=mask,
                             cont_ids=cids[:, 0], cont_mask=cmask[:, 0])
 
 
@@ -424,7 +425,7 @@ def test_smollm_score_continuations_matches_transformers(smollm):
   titles = [" Paris.", " Berlin, the capital of Germany.", " a city"]
   conts = [[tok(t)["input_ids"] for t in titles]] * ids.shape[0]
   cids, cmask = _conts(conts)
-  total, count = gen.score_continuations(loaded.module, loaded.params, prompt_ids=ids,
+  total, count = scoring.score_continuations(loaded.module, loaded.params, prompt_ids=ids,
                                          prompt_mask=mask, cont_ids=cids, cont_mask=cmask)
 
   def theirs(seq, m):

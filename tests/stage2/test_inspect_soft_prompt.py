@@ -1,11 +1,8 @@
-"""The opt-in attention/residual intermediates of the decoder, and the aggregation of
-scripts/inspect_soft_prompt.py on a hand-built prompt."""
+"""The opt-in attention/residual intermediates of the decoder, and a smoke test of the study
+script experiments/inspect_soft_prompt.py on them and on a hand-built prompt."""
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -15,16 +12,10 @@ import pytest
 
 from allmrec_jax.models.llm.llama import LlamaConfig, LlamaDecoder
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from experiments import inspect_soft_prompt as script
+
 V, E, LAYERS = 64, 32, 2
 
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location("inspect_soft_prompt",
-                                                ROOT / "scripts" / "inspect_soft_prompt.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +70,9 @@ def test_sown_attention_probs(tiny):
   assert "intermediates" not in state0
 
 
-def test_run_with_intermediates_shapes(tiny):
-  script = _load_script()
+def test_script_smoke(tiny):
+  """The script's decoder pass and its per-layer table on a hand-built prompt (T = 10:
+  0 BOS, 1 [U], 2 text, 3 [H], 4 [C] target, 5 [C], 6-8 text, 9 padding)."""
   module, params, ids, mask = tiny
   emb = module.apply(params, ids, method=module.embed)
   logits, residual, probs = jax.jit(
@@ -88,56 +80,13 @@ def test_run_with_intermediates_shapes(tiny):
   assert logits.shape == (2, 12, V)
   assert residual.shape == (2, LAYERS + 1, 12, E)
   assert probs.shape == (2, LAYERS, 12, 12)
-  logits0, _ = module.apply(params, inputs_embeds=emb, attention_mask=mask)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(logits0), rtol=1e-5, atol=1e-5)
-
-
-def _hand_built():
-  """T = 10: 0 BOS, 1 [U], 2 text, 3 [H], 4 [C] (target), 5 [C], 6-8 text, 9 padding;
-  the answer queries are 6 and 7."""
   t = 10
-  mask = np.ones(t, np.int32)
-  mask[9] = 0
-  values = np.array([100, 3, 1, 4, 5, 7, 2, 3, 4, 1000], np.float64)   # |residual| per pos
-  residual = np.zeros((LAYERS + 1, t, 2))
-  for l in range(LAYERS + 1):
-    residual[l, :, 1] = values * (l + 1)                    # norm = value * (l + 1)
-  attn = np.full((LAYERS, t, t), 0.01)
-  attn[0, 6] = [0.5, 0.1, 0.0, 0.1, 0.2, 0.05, 0.05, 0, 0, 0]
-  attn[0, 7] = [0.3, 0.3, 0.0, 0.0, 0.1, 0.1, 0.1, 0.1, 0, 0]
-  attn[1, 6] = [1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
-  attn[1, 7] = [0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 0.3, 0.5, 0, 0]
-  return dict(residual=residual, attn=attn, attention_mask=mask, user_pos=np.array([1, t]),
-              hist_pos=np.array([3, t]), cand_pos=np.array([4, 5]), target_slot=4,
-              target_pos=np.array([6, 7, 0]), target_mask=np.array([1.0, 1.0, 0.0]))
-
-
-def test_soft_prompt_stats_hand_built():
-  script = _load_script()
-  stats = script.soft_prompt_stats(**_hand_built())
-  norm, mass = stats["norm"], stats["mass"]
-  for l in range(LAYERS + 1):
-    s = l + 1
-    assert norm["pos0"][l] == pytest.approx(100 * s)
-    assert norm["U"][l] == pytest.approx(3 * s)
-    assert norm["H"][l] == pytest.approx(4 * s)
-    assert norm["C"][l] == pytest.approx(6 * s)              # (5 + 7) / 2
-    assert norm["text"][l] == pytest.approx(2.5 * s)         # positions 2, 6, 7, 8; not pad
-  expected = {"pos0": [0.4, 0.5], "U": [0.2, 0.0], "H": [0.05, 0.0], "C": [0.225, 0.0],
-              "tgtC": [0.15, 0.0], "rest": [0.125, 0.5]}
-  for g, want in expected.items():
-    assert mass[g] == pytest.approx(want, abs=1e-12), g
+  attention_mask = np.ones(t, np.int32)
+  attention_mask[9] = 0
+  stats = script.soft_prompt_stats(
+      residual=np.ones((LAYERS + 1, t, 2)), attn=np.full((LAYERS, t, t), 0.1),
+      attention_mask=attention_mask, user_pos=np.array([1, t]), hist_pos=np.array([3, t]),
+      cand_pos=np.array([4, 5]), target_slot=4, target_pos=np.array([6, 7, 0]),
+      target_mask=np.array([1.0, 1.0, 0.0]))
+  assert all(np.isfinite(v).all() for v in stats["norm"].values())
   assert len(script.format_table(stats).splitlines()) == 1 + LAYERS + 1
-
-
-def test_soft_prompt_stats_user_at_position_zero():
-  """bos=none: [U] at position 0 counts as pos0; an empty group is NaN, not 0."""
-  script = _load_script()
-  case = _hand_built()
-  case["user_pos"] = np.array([0])
-  case["hist_pos"] = np.array([10, 10])
-  stats = script.soft_prompt_stats(**case)
-  assert all(math.isnan(x) for x in stats["norm"]["U"] + stats["norm"]["H"])
-  assert stats["mass"]["U"] == [0.0, 0.0]
-  assert stats["norm"]["text"][0] == pytest.approx((1 + 3 + 4 + 2 + 3 + 4) / 6)
-  assert stats["mass"]["rest"][0] == pytest.approx(0.125 + 0.2 + 0.05, abs=1e-12)

@@ -118,12 +118,12 @@ def test_soft_prompt_matches_plain_string(tokenizer, domain, lead, item_slot,
 def test_default_prompts_put_no_soft_token_at_position_0(tokenizer):
   """Every config's default layout starts with a fixed text token, never a soft slot."""
   import importlib  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2_run  # pylint: disable=import-outside-toplevel
   ds = types.SimpleNamespace(titles=TITLES, domain="movies")
   for name in ("base", "ml100k", "ml100k_long"):
     cfg = importlib.import_module(f"configs.{name}")
     c = cfg.get_config() if hasattr(cfg, "get_config") else cfg.get_base_config()
-    builder = runner.prompt_builder(ds, tokenizer, c.stage2)
+    builder = stage2_run.prompt_builder(ds, tokenizer, c.stage2)
     for padding in ("right", "left"):
       batch = builder.build(np.array([[1, 2]]), np.array([[3, 4]]), np.array([3]),
                             padding=padding)
@@ -158,7 +158,7 @@ def test_prompt_builder_bos_option(tokenizer):
   """config.stage2.bos: "first" puts SmolLM2's BOS at 0 and [U] at 1; "after_user" (the
   authors' order) [U] at 0 then the BOS; "none" [U] at 0; first_token names another token;
   an unknown value or token names the flag."""
-  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2_run  # pylint: disable=import-outside-toplevel
   ds = types.SimpleNamespace(titles=TITLES, domain="movies")
   from configs import base  # pylint: disable=import-outside-toplevel
   cfg = base.get_base_config().stage2
@@ -166,7 +166,7 @@ def test_prompt_builder_bos_option(tokenizer):
   rows = {}
   for bos in ("first", "after_user", "none"):
     cfg.bos = bos
-    batch = runner.prompt_builder(ds, tokenizer, cfg).build(
+    batch = stage2_run.prompt_builder(ds, tokenizer, cfg).build(
         np.array([[1, 2]]), np.array([[3, 4]]), None, padding="right")
     rows[bos] = (int(batch.user_pos[0, 0]), batch.input_ids[0][batch.attention_mask[0] == 1])
   assert rows["first"][0] == 1 and rows["after_user"][0] == 0 and rows["none"][0] == 0
@@ -174,12 +174,12 @@ def test_prompt_builder_bos_option(tokenizer):
   assert rows["after_user"][1][1] == tokenizer.bos_token_id
   np.testing.assert_array_equal(rows["first"][1][1:], rows["none"][1])
   cfg.bos, cfg.first_token = "first", "<|im_end|>"
-  batch = runner.prompt_builder(ds, tokenizer, cfg).build(
+  batch = stage2_run.prompt_builder(ds, tokenizer, cfg).build(
       np.array([[1, 2]]), np.array([[3, 4]]), None, padding="right")
   assert batch.input_ids[0, 0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
   cfg.first_token = "<|no such token|>"
   with pytest.raises(ValueError, match="config.stage2.first_token"):
-    runner.prompt_builder(ds, tokenizer, cfg)
+    stage2_run.prompt_builder(ds, tokenizer, cfg)
   cfg.bos, cfg.first_token = "sometimes", ""
   with pytest.raises(ValueError, match="config.stage2.bos"):
-    runner.prompt_builder(ds, tokenizer, cfg)
+    stage2_run.prompt_builder(ds, tokenizer, cfg)

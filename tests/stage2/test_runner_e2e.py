@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from allmrec_jax import run_config
 from allmrec_jax import testing
 from allmrec_jax.trainers import runner
 from configs import ml100k
@@ -158,6 +159,7 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
   c.stage2.max_steps = -3
   c.llm.path = str(tmp_path / "no_such_llm")
   c.eval.baselines = "cf,tallrec,genre_x"
+  c.stage2.user_match_negatives = "prompt"
   c.stage2.user_match_weight, c.stage2.user_match_batch = 1.0, 8   # prompt negatives
   c.stage2.train_lora, c.llm.lora_rank, c.llm.lora_targets = True, 0, "q,x"
   work = tmp_path / "run"
@@ -178,9 +180,9 @@ def test_impossible_config_values_are_refused_before_any_stage(tmp_path):
                "--config.stage2.user_match_negatives=catalog"):
     assert part in msg, part
   assert not work.exists()          # nothing was trained, no config.json written
-  runner.validate_config(ml100k.get_config())   # the shipped configs pass
+  run_config.validate_config(ml100k.get_config())   # the shipped configs pass
   from configs import ml100k_long  # pylint: disable=g-import-not-at-top
-  runner.validate_config(ml100k_long.get_config())
+  run_config.validate_config(ml100k_long.get_config())
 
 
 def test_finished_stage_under_another_config_is_refused(tmp_path):
@@ -188,22 +190,22 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   error naming it), a field of an unfinished stage can, and the change is logged."""
   work = tmp_path / "run"
   c = ml100k.get_config()
-  runner.save_config(c, work)
+  run_config.save_config(c, work)
   (work / "cf").mkdir()
   (work / "cf" / "FINISHED").write_text("{}\n")
   longer = ml100k.get_config()
   longer.stage2.max_steps = 900            # stage 2 not finished: allowed, and recorded
   longer.mesh.shape = (1, 1, 1)            # neutral
-  runner.save_config(longer, work)
+  run_config.save_config(longer, work)
   hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
-  assert hist == [{"changed": {"stage2.max_steps": [0, 900]}}]
+  assert hist == [{"changed": {"stage2.max_steps": [c.stage2.max_steps, 900]}}]
   assert json.loads((work / "config.json").read_text())["stage2"]["max_steps"] == 900
   other = ml100k.get_config()
   other.stage2.max_steps = 900
   other.cf.lr = 0.01
   with pytest.raises(ValueError, match=r"finished stage\(s\) cf were produced with another "
                      r"config \(cf\.lr: 0\.001 -> 0\.01\); use a new --workdir"):
-    runner.save_config(other, work)
+    run_config.save_config(other, work)
   assert json.loads((work / "config.json").read_text())["cf"]["lr"] == 0.001
   (work / "stage1").mkdir()
   (work / "stage1" / "FINISHED").write_text("{}")
@@ -217,7 +219,7 @@ def test_finished_stage_under_another_config_is_refused(tmp_path):
   saved = json.loads((work / "config.json").read_text())
   saved["cf"]["retired_option"] = 3
   (work / "config.json").write_text(json.dumps(saved))
-  runner.save_config(longer, work)
+  run_config.save_config(longer, work)
   hist = [json.loads(l) for l in (work / "config_history.jsonl").read_text().splitlines()]
   assert hist[-1] == {"changed": {"cf.retired_option": [3, None]}}
 

@@ -11,7 +11,7 @@ import transformers
 from allmrec_jax import assets
 from allmrec_jax.data import prepare
 from allmrec_jax.models.llm import LlamaConfig, LlamaDecoder
-from allmrec_jax.trainers import runner, stage2
+from allmrec_jax.trainers import stage2, stage2_run, variants
 from configs import ml100k
 
 
@@ -30,13 +30,14 @@ def test_resume_equals_uninterrupted(tmp_path):
                     lora_rank=2, lora_targets=("q", "v"))
   llm = LlamaDecoder(cfg)
   llm_params = nn.unbox(llm.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 4), jnp.int32)))
-  builder = runner.prompt_builder(ds, tok, c.stage2)
+  builder = stage2_run.prompt_builder(ds, tok, c.stage2)
   table = np.random.default_rng(0).uniform(size=(ds.num_items + 1, 8)).astype(np.float32)
   rep_fn = lambda seq: (seq[:, -4:] % 7).astype(np.float32)
 
   def run(workdir, max_steps):
     c.stage2.max_steps = max_steps
-    return stage2.train(c, workdir, ds, llm=llm, llm_params=llm_params,
+    return stage2.train(c, workdir, ds, variant=variants.VARIANTS["allmrec"], llm=llm,
+                        llm_params=llm_params,
                         builder=builder, user_rep_fn=rep_fn, item_table=table)
 
   straight = run(tmp_path / "a", 4)

@@ -148,18 +148,18 @@ def test_item_standardize_is_an_affine_reparametrisation_of_f_i():
   """stage2.item_standardize: columns of items 1..N at mean 0 / std 1, padding row 0 zero,
   and F_I on the standardised table equals F_I on the raw table once its first Linear
   absorbs the affine map (same function class as the paper)."""
-  from allmrec_jax.trainers import runner  # pylint: disable=g-import-not-at-top
+  from allmrec_jax.trainers import item_tables  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   raw = np.zeros((N + 1, K), np.float32)
   raw[1:] = 0.5 + 0.03 * rng.standard_normal((N, K))      # a narrow band of sigmoid codes
   raw[1:, 3] = 0.7                                          # a constant column stays finite
-  std = runner.item_table_for("joint", {"joint": raw}, seed=0, standardize=True)
+  std = item_tables.item_table_for("joint", {"joint": raw}, seed=0, standardize=True)
   np.testing.assert_array_equal(std[0], 0.0)
   np.testing.assert_allclose(std[1:, :3].mean(0), 0.0, atol=1e-6)
   np.testing.assert_allclose(std[1:, :3].std(0), 1.0, atol=1e-5)
   np.testing.assert_array_equal(std[1:, 3], 0.0)
   np.testing.assert_array_equal(
-      runner.item_table_for("joint", {"joint": raw}, seed=0), raw)   # off: untouched
+      item_tables.item_table_for("joint", {"joint": raw}, seed=0), raw)   # off: untouched
   f_i = projectors_lib.ItemProjector(K, E)
   params = f_i.init(jax.random.PRNGKey(0), jnp.zeros((1, K)))["params"]
   params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(params))

@@ -1,6 +1,6 @@
 """launch/tables.py's library path on tiny models: every part of the paper's tables from
 one run folder, reused on a rerun; the Amazon cross-domain path on a generated pair of
-categories; bad input; the stand-in item tables of scripts/gpu_tables.py."""
+categories; bad input; the stand-in item tables of experiments/gpu_tables.py."""
 
 import gzip
 import importlib.util
@@ -17,8 +17,10 @@ import pytest
 
 from allmrec_jax import testing
 from allmrec_jax.data import scenarios
+from allmrec_jax.paper_tables import ablations
+from allmrec_jax.paper_tables import suite as tables
+from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import runner
-from allmrec_jax.trainers import tables
 from configs import base
 from configs import ml100k
 
@@ -80,8 +82,8 @@ def _base_run(tmp_path, tmp_path_factory, worker_id):
 
 
 def _suite(c, work):
-  return tables.Tables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
-                       efficiency_steps=2)
+  return tables.PaperTables(c, work, users=4, few_shot=(16,), backbones=("sasrec", "ncf"),
+                            efficiency_steps=2)
 
 
 def _run_parts(suite, work, parts):
@@ -132,7 +134,9 @@ def test_default_parts_tiny(tmp_path, monkeypatch, tmp_path_factory, worker_id):
               == pytest.approx(4 * full["all"]["hit@1"]))
 
   eff = got["efficiency"]
-  assert [r["label"] for r in eff["rows"]] == ["A-LLMRec", "TALLRec"]
+  assert [r["label"] for r in eff["rows"]] == (
+      ["A-LLMRec (frozen LLM, paper)", "A-LLMRec (LoRA, this run)", "TALLRec"]
+      if c.stage2.train_lora else ["A-LLMRec", "TALLRec"])
   for r in eff["rows"]:
     assert r["seconds_per_step"] > 0 and r["seconds_per_user"] > 0
     assert r["seconds_per_epoch"] == pytest.approx(r["seconds_per_step"] *
@@ -148,21 +152,22 @@ def test_default_parts_tiny(tmp_path, monkeypatch, tmp_path_factory, worker_id):
   assert "loaded" not in again.__dict__          # the LLM was never loaded
   assert json.loads((work / "tables" / "overall.json").read_text())["rows"] == overall["rows"]
 
-  # scripts/gpu_tables.py: the exported item tables stand in for stage 1's checkpoint.
+  # experiments/gpu_tables.py (a study script): the exported item tables stand in for
+  # stage 1's checkpoint.
   spec = importlib.util.spec_from_file_location("gpu_tables",
-                                                ROOT / "scripts" / "gpu_tables.py")
+                                                ROOT / "experiments" / "gpu_tables.py")
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   path = str(tmp_path / "item_tables.npz")
   script._export(c, work, path)                  # pylint: disable=protected-access
-  monkeypatch.setattr(runner, "stage1_tables", runner.stage1_tables)   # restored after
+  monkeypatch.setattr(item_tables_lib, "item_tables", item_tables_lib.item_tables)  # restored
   script._use_item_tables(work, path)            # pylint: disable=protected-access
-  got = runner.stage1_tables(c, work, suite.ds, None, None)
+  got = item_tables_lib.item_tables(c, work, suite.ds, None, None)
   for key in script.KEYS:
-    np.testing.assert_array_equal(got[key], suite.stage2_run("base").tables[key])
+    np.testing.assert_array_equal(got[key], suite.stage2_run("base").item_tables[key])
   small = types.SimpleNamespace(num_items=suite.ds.num_items - 1)   # another catalogue
   with pytest.raises(ValueError, match="--item_tables=.* rows"):
-    runner.stage1_tables(c, work, small, None, None)
+    item_tables_lib.item_tables(c, work, small, None, None)
   partial = tmp_path / "partial.npz"
   np.savez(partial, cf=got["cf"])
   with pytest.raises(ValueError, match=r"--item_tables=.*missing arrays \['joint', 'text'\]"):
@@ -188,7 +193,7 @@ def test_scenario_parts_tiny(tmp_path, tmp_path_factory, worker_id):
   assert [r["model"] for r in got["cross_domain"]["rows"]] == [
       "popularity", "LLM-Only", "TALLRec", "A-LLMRec", "A-LLMRec (SBERT)"]
   # The paper's few-shot: CF model, stage 1 and stage 2 all trained on the K users only.
-  paper = tables.Tables(c, work, users=4, few_shot=(16,), few_shot_scope="all")
+  paper = tables.PaperTables(c, work, users=4, few_shot=(16,), few_shot_scope="all")
   shot = _run_parts(paper, work, ["few_shot"])["few_shot"]
   assert [r["model"] for r in shot["rows"]] == [
       "SASRec (all users)", "SASRec (K=16)", "TALLRec (K=16)", "A-LLMRec (K=16)",
@@ -208,7 +213,7 @@ def test_model_parts_tiny(tmp_path, tmp_path_factory, worker_id):
       "SASRec", "A-LLMRec (SASRec)", "NCF", "A-LLMRec (NCF)"]
   assert (work / "tables" / "backbone_ncf" / "stage1" / "FINISHED").exists()
   ab = got["ablations"]
-  assert len(ab["rows"]) == 1 + len(tables.STAGE1_ABLATIONS) + len(tables.STAGE2_ABLATIONS)
+  assert len(ab["rows"]) == 1 + len(ablations.STAGE1_ABLATIONS) + len(ablations.STAGE2_ABLATIONS)
   assert (work / "tables" / "stage1_no_match" / "cf").is_symlink()
   s1 = json.loads((work / "tables" / "stage1_no_match" / "config.json").read_text())
   assert s1["stage1"]["w_match"] == 0.0
@@ -244,8 +249,8 @@ def test_cross_domain_amazon_pair(tmp_path):
   c.stages = "cf,stage1"
   work = tmp_path / "movies"
   runner.train_and_evaluate(c, work)
-  suite = tables.Tables(c, work, users=4,
-                        cross_domain_target=f"amazon2018:{raw}:Video_Games")
+  suite = tables.PaperTables(c, work, users=4,
+                             cross_domain_target=f"amazon2018:{raw}:Video_Games")
   suite.run(["cross_domain"])
   xd = json.loads((work / "tables" / "cross_domain.json").read_text())
   assert "Video_Games" in xd["title"] and "Movies_and_TV" in xd["title"]
@@ -259,8 +264,8 @@ def test_cross_domain_amazon_pair(tmp_path):
   # two soft-prompt rows are evaluated again.
   evals = work / "tables" / "eval" / "cross_domain"
   stamps = {p.name: p.stat().st_mtime_ns for p in evals.glob("*.json")}
-  decoded = tables.Tables(c, work, users=4, cross_domain_user="decoded",
-                          cross_domain_target=f"amazon2018:{raw}:Video_Games")
+  decoded = tables.PaperTables(c, work, users=4, cross_domain_user="decoded",
+                               cross_domain_target=f"amazon2018:{raw}:Video_Games")
   decoded.run(["cross_domain"])
   xd2 = json.loads((work / "tables" / "cross_domain.json").read_text())
   assert "text-decoded item embeddings" in xd2["title"]
@@ -280,15 +285,15 @@ def test_bad_input(tmp_path):
   assert tables.parse_parts("all") == list(tables.PARTS)
   c = ml100k.get_config()
   with pytest.raises(FileNotFoundError, match="cf, stage1 not finished"):
-    tables.Tables(c, tmp_path / "nothing")
+    tables.PaperTables(c, tmp_path / "nothing")
   with pytest.raises(ValueError, match="--few_shot_scope='cf': one of"):
-    tables.Tables(c, tmp_path / "nothing", few_shot_scope="cf")
+    tables.PaperTables(c, tmp_path / "nothing", few_shot_scope="cf")
   with pytest.raises(ValueError, match="--cross_domain_user='cf': one of"):
-    tables.Tables(c, tmp_path / "nothing", cross_domain_user="cf")
+    tables.PaperTables(c, tmp_path / "nothing", cross_domain_user="cf")
   ncf = ml100k.get_config()
   ncf.cf.model = "ncf"
   with pytest.raises(ValueError, match="--cross_domain_user=decoded: NCF"):
-    tables.Tables(ncf, tmp_path / "nothing", cross_domain_user="decoded")
+    tables.PaperTables(ncf, tmp_path / "nothing", cross_domain_user="decoded")
   out = subprocess.run([sys.executable, "launch/tables.py", "--config=configs/ml100k.py",
                         f"--workdir={tmp_path}", "--parts=overall,bogus"],
                        capture_output=True, text=True, check=False)

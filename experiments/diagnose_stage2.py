@@ -1,6 +1,6 @@
 r"""Does a trained stage 2 use its soft tokens? LM loss with the true vs shuffled inputs.
 
-  .venv/bin/python scripts/diagnose_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k
+  .venv/bin/python -m experiments.diagnose_stage2 --config=configs/ml100k.py --workdir=runs/ml100k
       [--batches=25] [--name=stage2|stage2_mlp_llm] [--config.stage2.num_epochs=3 ...]
 
 Restores the finished run in WORKDIR (CF, stage-1 tables, the stage-2 projectors named
@@ -20,9 +20,7 @@ clearly higher than the true one. Prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
@@ -31,15 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
-from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+from allmrec_jax.data import prepare
+from allmrec_jax.data import pipelines
+from allmrec_jax.trainers import cf as cf_lib
+from allmrec_jax.trainers import item_tables as item_tables_lib
+from allmrec_jax.trainers import stage2_run
+from allmrec_jax.trainers import variants as variants_lib
+from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.weights import llm as llm_weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a finished run's workdir", required=True)
@@ -59,26 +57,28 @@ def main(argv):
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
+  tables = item_tables_lib.item_tables(config, workdir, ds, cf_model, cf_vars)
   source = "cf" if FLAGS.name == "stage2_mlp_llm" else config.stage2.item_source
-  table = runner.item_table_for(
+  table = item_tables_lib.item_table_for(
       source, tables, config.seed,
       standardize=config.stage2.item_standardize)
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
                                 matmul_dtype=config.llm.matmul_dtype or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = runner.prompt_builder(ds, loaded.tokenizer, config.stage2)
+  builder = stage2_run.prompt_builder(ds, loaded.tokenizer, config.stage2)
   rep_fn = lambda seq: stage2_lib.user_representations(cf_model, cf_vars, seq)
-  params = stage2_lib.train(config, workdir, ds, llm=llm, llm_params=llm_params,
-                            builder=builder, user_rep_fn=rep_fn, item_table=table,
-                            name=FLAGS.name, restore_only=True)
+  variant = (variants_lib.configured(config.stage2) if FLAGS.name == "stage2" else
+             next(v for v in variants_lib.VARIANTS.values() if v.folder == FLAGS.name))
+  params = stage2_lib.train(config, workdir, ds, variant=variant, llm=llm,
+                            llm_params=llm_params, builder=builder, user_rep_fn=rep_fn,
+                            item_table=table, restore_only=True)
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
                                     num_history=config.stage2.num_history)
   user_rep = rep_fn(ex.seq)
   index = pipelines.train_exclusion_index(ds)
   proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1],
-                                         loaded.config.hidden_size)
+                                         loaded.config.embed_dim)
   loss_fn = jax.jit(lambda p, t, b: stage2_lib.lm_loss(p, llm_params, t, b, llm=llm,
                                                        projectors=proj)[0])
   perm = np.random.default_rng(0).permutation(table.shape[0] - 1) + 1

@@ -1,6 +1,6 @@
 r"""Short stage-2 probes: can the frozen LLM learn to use a soft-token signal at all?
 
-  .venv/bin/python scripts/probe_stage2.py --config=configs/ml100k.py --workdir=runs/ml100k_v3 \
+  .venv/bin/python -m experiments.probe_stage2 --config=configs/ml100k_paper.py --workdir=runs/ml100k_paper \
       --user=cf|oracle|none --items=joint|cf|text|random|marker|popularity [--steps=100] [--eval_users=80] \
       [--config.stage2.lr=1e-3 ...]
 
@@ -13,15 +13,13 @@ generation). Prints one JSON line with hit@1 / hit@5 / mrr before and after trai
 and evaluation): the answer is then written in the soft tokens, and what is measured is
 whether the LLM can learn to read it from a [UserRep] / [CandidateEmb] match within the
 budget. --user=none keeps the slot's token embedding (the "w/o user" ablation).
-An experiment tool; the README quotes its runs.
+An experiment tool; experiments/NOTES.md quotes its runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import sys
 import time
 
 from absl import app
@@ -31,17 +29,16 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
-from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
-from allmrec_jax.models import lora as lora_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+from allmrec_jax.data import prepare
+from allmrec_jax.data import pipelines
+from allmrec_jax.models import lora as lora_lib
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.trainers import cf as cf_lib
+from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import item_tables as item_tables_lib
+from allmrec_jax.trainers import stage2_run
+from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.weights import llm as llm_weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a run's workdir with finished cf/ and stage1/",
@@ -80,7 +77,7 @@ def main(argv):
   with config.unlocked():
     config.stage2.item_source = ("joint" if FLAGS.items in ("marker", "popularity")
                                   else FLAGS.items)
-  tables = runner.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
+  tables = item_tables_lib.item_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
   marker = FLAGS.items == "marker"
   if marker:   # rows 1..N = "not the target", row N+1 = "the target" (remapped per batch)
     n_rows = tables["cf"].shape[0]
@@ -97,8 +94,8 @@ def main(argv):
     table[1:, 0] = (logc - logc.mean()) / logc.std()
     table[1:, 1] = 1.0
   else:
-    table = runner.item_table_for(FLAGS.items, tables, config.seed,
-                                   standardize=cfg.item_standardize)
+    table = item_tables_lib.item_table_for(FLAGS.items, tables, config.seed,
+                                           standardize=cfg.item_standardize)
   cf_table = tables["cf"]
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 remat=config.llm.remat,
@@ -107,7 +104,7 @@ def main(argv):
                                 lora_alpha=config.llm.lora_alpha,
                                 lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
+  builder = stage2_run.prompt_builder(ds, loaded.tokenizer, cfg)
 
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen,
                                     num_history=cfg.num_history,
@@ -120,7 +117,7 @@ def main(argv):
     user_rep = stage2_lib.user_representations(cf_model, cf_vars, ex.seq)
   use_user = FLAGS.user != "none"
   proj_cls = TiedProjectors if FLAGS.user == "tied" else projectors_lib.Stage2Projectors
-  proj = proj_cls(table.shape[1], user_rep.shape[1], loaded.config.hidden_size)
+  proj = proj_cls(table.shape[1], user_rep.shape[1], loaded.config.embed_dim)
   trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                      item_table=table,
                                      optimizer=stage2_lib.make_optimizer(cfg),
@@ -148,18 +145,17 @@ def main(argv):
     return np.where(hit, table.shape[0] - 1, item_ids).astype(np.int32)
 
   class Evaluator(eval_lib.LLMEvaluator):
-    def _batch(self, es_, user_rep_, task):
-      batch = super()._batch(es_, user_rep_, task)
+    def _batch(self, es_, user_rep_, task, **kw):
+      batch = super()._batch(es_, user_rep_, task, **kw)
       return {**batch, "item_ids": jax.numpy.asarray(mark(batch["item_ids"], es_.targets))}
 
   # One evaluator (one set of jitted functions) for both rankings; only the params change.
   ev = Evaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer, builder=builder,
-                 titles=ds.titles, projectors=proj, proj_params=params0, item_table=table,
+                 titles=ds.titles, projectors=proj, item_table=table,
                  use_user=use_user, batch_size=config.eval.batch_size)
 
   def rank(params):
-    ev.proj_params = params
-    res = ev.evaluate(es, es_rep, generate=False, desc="rank")
+    res = ev.evaluate(params, es, es_rep, generate=False, desc="rank")
     m = eval_lib.ranking_metrics(res["scores"], "")
     return {k: round(m[k], 4) for k in ("hit@1", "hit@5", "mrr")}
 

@@ -1,6 +1,6 @@
 r"""Zero-shot: does the frozen LLM answer with the candidate whose soft token equals [U]?
 
-  .venv/bin/python scripts/zero_shot_copy.py [--trials=12] [--scale=1.0] \
+  .venv/bin/python -m experiments.zero_shot_copy [--trials=12] [--scale=1.0] \
       [--layouts=in_quotes,after_title] [--users=tied,random] [--matmul_dtype=]
 
 No training and no CF model: each trial draws 20 MovieLens-100K titles and 20 random
@@ -13,7 +13,7 @@ log-likelihood and the trial is a hit when the target scores highest (chance 1/2
   after_title  the paper: `... "c_1"[C],"c_2"[C],... The recommendation is ` with [U]
                after the BOS at the start, answer `"title"<eos>`;
   in_quotes    `... "[C]c_1","[C]c_2",... The recommendation is "[U]` (the answer opens
-               with the user token), answer `title"<eos>` (configs/ml100k_long.py).
+               with the user token), answer `title"<eos>` (configs/ml100k.py).
 
 Prints one JSON line per (layout, user) with hit@1 and the mean number of candidates
 scored above the target.
@@ -22,8 +22,6 @@ scored above the target.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 
 from absl import app
@@ -32,12 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
-from allmrec_jax.data import prompts  # pylint: disable=wrong-import-position
-from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
-from configs import ml100k  # pylint: disable=wrong-import-position
+from allmrec_jax.data import prepare
+from allmrec_jax.data import prompts
+from allmrec_jax.weights import llm as llm_weights
+from configs import ml100k
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("trials", 12, "prompts per (layout, user)")

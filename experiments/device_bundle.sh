@@ -1,15 +1,15 @@
 #!/bin/bash
-# Packs what scripts/gpu_stage2_arms.py needs on a GPU machine that has no network and
+# Packs what experiments/gpu_stage2_arms.py needs on a GPU machine that has no network and
 # receives at most 64 MiB per call, into two ignored folders of the repository root:
 #   .gpu_a/part_a   the first 60 MiB of the SmolLM2 GGUF (first call: copied to a store)
 #   .gpu_b/         the rest of the GGUF, the stage-1 item tables (.npz, so no SBERT and no
 #                   stage-1 checkpoint travel), the trained cf/ checkpoint, the dataset cache,
 #                   the tokenizer, the wheels the GPU image lacks (Python 3.12), and
-#                   scripts/device_run.sh reassembles the GGUF (sha256-checked) and runs.
-# Usage: bash scripts/device_bundle.sh CONFIG WORKDIR   (WORKDIR with finished cf/ and stage1/)
+#                   experiments/device_run.sh reassembles the GGUF (sha256-checked) and runs.
+# Usage: bash experiments/device_bundle.sh CONFIG WORKDIR   (WORKDIR with finished cf/ and stage1/)
 # Then, on the device machine, two calls back to back (the machine stays warm between them):
 #   1) carry .gpu_a:  mkdir -p ~/gstore && cp .gpu_a/part_a ~/gstore/
-#   2) carry .gpu_b:  INSTALL=1 bash scripts/device_run.sh [gpu_stage2_arms.py flags]
+#   2) carry .gpu_b:  INSTALL=1 bash experiments/device_run.sh [gpu_stage2_arms.py flags]
 # Move .gpu_a out of the checkout before the second call (each call sends <= 64 MiB).
 set -eo pipefail
 CONFIG=${1:?config file}
@@ -25,7 +25,7 @@ for d in /.gpu_a/ /.gpu_b/; do
   grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude
 done
 rm -rf .gpu_a .gpu_b && mkdir -p .gpu_a .gpu_b/cache/$LLM .gpu_b/run .gpu_b/whl
-"$PY" scripts/gpu_stage2_arms.py --config="$CONFIG" --workdir="$WORKDIR" --out=/dev/null \
+"$PY" -m experiments.gpu_stage2_arms --config="$CONFIG" --workdir="$WORKDIR" --out=/dev/null \
   --export_tables=.gpu_b/tables.npz
 cp -r "$WORKDIR/cf" .gpu_b/run/
 cp -r "$CACHE/recbole-1.2.1" "$CACHE/processed" .gpu_b/cache/

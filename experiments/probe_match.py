@@ -1,6 +1,6 @@
 r"""How well can F_U / F_I alone carry the collaborative signal? An LLM-free probe.
 
-  .venv/bin/python scripts/probe_match.py --config=configs/ml100k_long.py --workdir=runs/ml100k \
+  .venv/bin/python -m experiments.probe_match --config=configs/ml100k_long.py --workdir=runs/ml100k \
       [--negatives=catalog|prompt] [--batch=64] [--steps=500] [--temperature=0.1]
 
 Trains fresh stage-2 projectors with the match term of `stage2.user_match_weight` only
@@ -32,7 +32,7 @@ from allmrec_jax.data import prepare
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import evaluate as eval_lib
-from allmrec_jax.trainers import runner
+from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
 from allmrec_jax.weights import llm as llm_weights
 
@@ -59,14 +59,14 @@ def main(argv):
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, FLAGS.workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = runner.stage1_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
-  table = runner.item_table_for(cfg.item_source, tables, config.seed,
-                                standardize=cfg.item_standardize)
+  tables = item_tables_lib.item_tables(config, pathlib.Path(FLAGS.workdir), ds, cf_model, cf_vars)
+  table = item_tables_lib.item_table_for(cfg.item_source, tables, config.seed,
+                                        standardize=cfg.item_standardize)
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=cfg.num_history,
                                     positions_per_user=cfg.positions_per_user)
   user_rep = stage2_lib.user_representations(cf_model, cf_vars, ex.seq)
   hidden = llm_weights.read_config(llm_weights.resolve_path(config.llm.path or None),
-                                   config.llm.dtype)[0].hidden_size
+                                   config.llm.dtype)[0].embed_dim
   proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1], hidden)
   params = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed), table.shape[1],
                                       user_rep.shape[1])

@@ -1,6 +1,6 @@
 r"""Why the stage-1 scoring paths rank cold items last: bug or learned popularity bias?
 
-  .venv/bin/python scripts/diagnose_cold_items.py --config=configs/ml100k.py --workdir=runs/ml100k
+  .venv/bin/python -m experiments.diagnose_cold_items --config=configs/ml100k.py --workdir=runs/ml100k
 
 Reads the finished CF and stage-1 checkpoints of WORKDIR (writes nothing there). For every
 test user and every item it computes the scores of four paths: stage 1's
@@ -15,7 +15,7 @@ training interaction count ("popularity"). It prints one JSON object with, per p
     what depends on the user);
   and the same hit@1 after removing each item's mean score ("centred"), which keeps only
     the user-dependent part.
-An experiment tool; docs/results.md quotes its run.
+An experiment tool; experiments/NOTES.md quotes its run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 r"""Where do the answer positions of ONE stage-2 prompt look, and how large is each slot?
 
-  JAX_PLATFORMS=cpu .venv/bin/python scripts/inspect_soft_prompt.py \
+  JAX_PLATFORMS=cpu .venv/bin/python -m experiments.inspect_soft_prompt \
       --config=configs/ml100k_long.py --workdir=runs/ml100k [--name=stage2] \
       [--random_projectors] [--user_index=0] [--split=valid] [--config.llm.matmul_dtype= ...]
 
@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import sys
 from typing import Any
 
 from absl import app
@@ -53,11 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax import checkpointing  # pylint: disable=wrong-import-position
-from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.models import soft_prompt  # pylint: disable=wrong-import-position
+from allmrec_jax import checkpointing
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.models import soft_prompt
 
 NORM_GROUPS = ("pos0", "U", "H", "C", "text")
 MASS_GROUPS = ("pos0", "U", "H", "C", "tgtC", "rest")
@@ -185,8 +181,9 @@ def main(argv):
   from allmrec_jax.data import prepare  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
-  from allmrec_jax.trainers import runner  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import item_tables as item_tables_lib  # pylint: disable=import-outside-toplevel
   from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=import-outside-toplevel
+  from allmrec_jax.trainers import stage2_run  # pylint: disable=import-outside-toplevel
   from allmrec_jax.weights import llm as llm_weights  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   if config is None:
@@ -196,13 +193,13 @@ def main(argv):
   ds = prepare.prepare_dataset(config.data)
   cf_model, cf_params = cf_lib.load_trained_cf(config, FLAGS.workdir, ds)
   cf_vars = {"params": cf_params}
-  tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = runner.item_table_for(cfg.item_source, tables, config.seed,
-                                   standardize=cfg.item_standardize)
+  tables = item_tables_lib.item_tables(config, workdir, ds, cf_model, cf_vars)
+  table = item_tables_lib.item_table_for(cfg.item_source, tables, config.seed,
+                                         standardize=cfg.item_standardize)
   loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
                                 matmul_dtype=config.llm.matmul_dtype or "")
   llm, llm_params = loaded.module, {"params": loaded.params}
-  builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
+  builder = stage2_run.prompt_builder(ds, loaded.tokenizer, cfg)
 
   es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
                               num_history=config.eval.num_history, max_users=0,
@@ -214,7 +211,7 @@ def main(argv):
   user_rep = stage2_lib.user_representations(cf_model, cf_vars, es.seq)
 
   proj = projectors_lib.Stage2Projectors(table.shape[1], user_rep.shape[1],
-                                         loaded.config.hidden_size)
+                                         loaded.config.embed_dim)
   params = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed), table.shape[1],
                                       user_rep.shape[1])
   ckpt = workdir / FLAGS.name / "ckpt"

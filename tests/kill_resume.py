@@ -1,6 +1,7 @@
-r"""Kill anywhere, resume, compare: the whole pipeline under SIGKILL at random points.
+r"""Kill anywhere, resume, compare: the whole pipeline under SIGKILL (or, with
+--signal=TERM, a scheduler's SIGTERM) at random points.
 
-  .venv/bin/python scripts/kill_resume.py --out=/tmp/kill_resume --kills=10 [--seed=0]
+  .venv/bin/python tests/kill_resume.py --out=/tmp/kill_resume --kills=10 [--seed=0]
 
 Runs a tiny configuration of the full pipeline (real MovieLens-100K; a tiny random Llama with
 SmolLM2's tokenizer and a tiny random SBERT with MiniLM's, written by allmrec_jax.testing;
@@ -35,10 +36,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from allmrec_jax import testing
 
-from allmrec_jax import testing  # noqa: E402  # pylint: disable=wrong-import-position
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "folder for the assets and the two run folders", required=True)
@@ -46,6 +46,10 @@ flags.DEFINE_integer("kills", 10, "how many SIGKILLs")
 flags.DEFINE_integer("seed", 0, "seed of the kill points")
 flags.DEFINE_float("jitter_s", 2.0, "random extra delay after a progress target is reached")
 flags.DEFINE_integer("timeout_s", 900, "limit for one (re)start of the pipeline")
+flags.DEFINE_enum("signal", "KILL", ["KILL", "TERM"], "KILL: SIGKILL the process group "
+                  "(nothing saved); TERM: SIGTERM the process, as a scheduler preempting "
+                  "it (the loop saves a checkpoint at the step reached and exits with "
+                  "loop.EXIT_PREEMPTED)")
 
 # Tiny sizes; checkpoints at every step / epoch so that kills land between and inside saves.
 OVERRIDES = {
@@ -112,8 +116,17 @@ def run_once(cmd, env, workdir: pathlib.Path, log: pathlib.Path, timeout_s: int,
           time.sleep(0.02)
         if p.poll() is None:
           at = progress(workdir)
-          os.killpg(p.pid, signal.SIGKILL)
-          p.wait()
+          if FLAGS.signal == "TERM":
+            os.kill(p.pid, signal.SIGTERM)
+            p.wait(timeout=timeout_s)
+            f.flush()
+            tail = log.read_bytes()[-4000:].decode("utf-8", "replace")
+            return {"killed": True, "rc": p.returncode, "progress_at_kill": at,
+                    "preempted_line": "preempted at" in tail,
+                    "seconds": round(time.monotonic() - t0, 1)}
+          else:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
           return {"killed": True, "rc": p.returncode, "progress_at_kill": at,
                   "seconds": round(time.monotonic() - t0, 1)}
       p.wait(timeout=timeout_s)

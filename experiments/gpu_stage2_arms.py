@@ -34,8 +34,8 @@ share counts from the end of its first step, so the later arms share what is lef
 
 Run (one GPU):
 
-  ALLMREC_CACHE=/path/to/allmrec_jax_cache python scripts/gpu_stage2_arms.py \
-      --config=configs/ml100k.py --workdir=runs/ml100k --out=/tmp/arms.jsonl
+  ALLMREC_CACHE=/path/to/allmrec_jax_cache python -m experiments.gpu_stage2_arms \
+      --config=configs/ml100k_paper.py --workdir=runs/ml100k_paper --out=/tmp/arms.jsonl
 
   options: --arms=oracle,method_bos_first,method_user_first --steps=1200 --batch_size=32
   --eval_every=300 --eval_users=200 --time_budget_s=420, and any config field, e.g.
@@ -47,12 +47,12 @@ missing the script first trains both there with runner.train_and_evaluate
 
 The device machine. It has no network and receives at most 64 MiB per call, while the
 LLM alone (SmolLM2-135M-Instruct Q4_1 GGUF) is 98 MB and stage 1's checkpoint (fine-tuned
-SBERT and Adam state) 162 MB. scripts/device_bundle.sh CONFIG WORKDIR packs what this script
+SBERT and Adam state) 162 MB. experiments/device_bundle.sh CONFIG WORKDIR packs what this script
 needs into two ignored folders: the GGUF split in two, the item tables exported with
 --export_tables (then --tables replaces stage 1's checkpoint and SBERT), the cf/ checkpoint,
-the dataset cache and the wheels the GPU image lacks; scripts/device_run.sh reassembles
+the dataset cache and the wheels the GPU image lacks; experiments/device_run.sh reassembles
 and checks the GGUF there and runs this script on the bundle. Two calls back to back, as
-device_bundle.sh says. The results of such runs are in docs/results.md.
+device_bundle.sh says. experiments/NOTES.md has the results of such runs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ import hashlib
 import json
 import os
 import pathlib
-import sys
 import time
 from typing import Any
 from collections.abc import Callable
@@ -75,19 +74,19 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allmrec_jax import logging_utils  # pylint: disable=wrong-import-position
-from allmrec_jax.data import pipelines  # pylint: disable=wrong-import-position
-from allmrec_jax.data import prepare  # pylint: disable=wrong-import-position
-from allmrec_jax.models import lora as lora_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.models import projectors as projectors_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import cf as cf_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import evaluate as eval_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import loop as loop_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import runner  # pylint: disable=wrong-import-position
-from allmrec_jax.trainers import stage2 as stage2_lib  # pylint: disable=wrong-import-position
-from allmrec_jax.weights import llm as llm_weights  # pylint: disable=wrong-import-position
+from allmrec_jax import logging_utils
+from allmrec_jax.data import pipelines
+from allmrec_jax.data import prepare
+from allmrec_jax.models import lora as lora_lib
+from allmrec_jax.models import projectors as projectors_lib
+from allmrec_jax.trainers import cf as cf_lib
+from allmrec_jax.trainers import evaluate as eval_lib
+from allmrec_jax.trainers import loop as loop_lib
+from allmrec_jax.trainers import runner
+from allmrec_jax.trainers import item_tables as item_tables_lib
+from allmrec_jax.trainers import stage2_run
+from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.weights import llm as llm_weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
@@ -145,12 +144,12 @@ TABLE_KEYS = ("cf", "joint")
 
 def export_tables(config, workdir: str | os.PathLike, path: str | os.PathLike) -> dict:
   """Writes the stage-1 item tables of a finished `workdir` to `path` (.npz); returns them."""
-  return runner.save_stage1_tables(config, workdir, path, TABLE_KEYS)
+  return item_tables_lib.save_item_tables(config, workdir, path, TABLE_KEYS)
 
 
 def load_tables(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray]:
   """The item tables of --tables, checked against the dataset."""
-  return runner.load_stage1_tables(path, num_items, TABLE_KEYS, flag="tables")
+  return item_tables_lib.load_item_tables(path, num_items, TABLE_KEYS, flag="tables")
 
 
 def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) -> bool:
@@ -180,10 +179,11 @@ def test_pass(ev, builder, params, es, user_rep, *, generate: bool, seed: int
   """Test metrics of trained projectors: ranking (and generation) with the true x_u, and
   ranking with x_u shuffled across users (eval_lib.soft_token_diagnostics)."""
   t = time.time()
-  ev.builder, ev.proj_params = builder, params
-  m = eval_lib.llm_metrics(ev.evaluate(es, user_rep, generate=generate, desc="test"), "")
+  ev.builder = builder
+  m = eval_lib.llm_metrics(ev.evaluate(params, es, user_rep, generate=generate, desc="test"),
+                           "")
   diag = eval_lib.soft_token_diagnostics(
-      ev, es, user_rep, "", seed, which=("user_shuffled",),
+      ev, params, es, user_rep, "", seed, which=("user_shuffled",),
       true_metrics={"hit@1": m["hit@1"], "mrr": m["mrr"], "loss": m["target_loss"]})
   out = {k: round(float(v), 4) for k, v in {**m, **diag}.items()}
   out.update(split="test", users=len(es.users), seconds=round(time.time() - t, 1))
@@ -215,8 +215,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   if tables_path:
     tables = load_tables(tables_path, ds.num_items + 1)
   else:
-    tables = runner.stage1_tables(config, workdir, ds, cf_model, cf_vars)
-  table = runner.item_table_for(
+    tables = item_tables_lib.item_tables(config, workdir, ds, cf_model, cf_vars)
+  table = item_tables_lib.item_table_for(
       config.stage2.item_source, tables, config.seed,
       standardize=config.stage2.item_standardize)
   cf_table = tables["cf"]
@@ -259,7 +259,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   def machinery(user_dim: int):
     if user_dim not in shared:
       proj = projectors_lib.Stage2Projectors(table.shape[1], user_dim,
-                                             loaded.config.hidden_size)
+                                             loaded.config.embed_dim)
       trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                          item_table=table,
                                          optimizer=stage2_lib.make_optimizer(cfg0),
@@ -275,8 +275,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
 
   def rank(ev, builder, params, eval_rep) -> dict[str, float]:
     t = time.time()
-    ev.builder, ev.proj_params = builder, params
-    res = ev.evaluate(es, eval_rep, generate=False, desc="rank")
+    ev.builder = builder
+    res = ev.evaluate(params, es, eval_rep, generate=False, desc="rank")
     m = eval_lib.ranking_metrics(res["scores"], "")
     last_rank_s[0] = time.time() - t
     return {k: round(float(m[k]), 4) for k in ("hit@1", "hit@5", "mrr")}
@@ -292,7 +292,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     if es_test is not None and spec.user == "cf":
       deadline -= test_reserve_s
     cfg = stage2_config(config, spec.bos, batch_size)
-    builder = runner.prompt_builder(ds, loaded.tokenizer, cfg)
+    builder = stage2_run.prompt_builder(ds, loaded.tokenizer, cfg)
     train_rep, eval_rep = reps[spec.user]
     proj, trainer, ev = machinery(train_rep.shape[1])
     params0 = stage2_lib.init_projectors(proj, jax.random.PRNGKey(config.seed),

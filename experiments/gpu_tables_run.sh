@@ -1,7 +1,7 @@
 #!/bin/bash
-# The last device call of scripts/gpu_tables_bundle.sh: joins the stored parts and this
+# The last device call of experiments/gpu_tables_bundle.sh: joins the stored parts and this
 # call's part, checks the tar's sha256, installs the bundled wheels, and runs
-# scripts/gpu_tables.py on the bundle's run folder for at most BUDGET seconds; then packs
+# experiments/gpu_tables.py on the bundle's run folder for at most BUDGET seconds; then packs
 # what the tables produced (parts' json/md, per-user evaluations, variants' metrics, no
 # checkpoints) into $OUT/tables.tgz, which unpacks into the local run folder. Env: PARTS
 # (comma list), BUDGET (s), USERS, CONFIG, STORE (where calls 1..n-1 put their parts),
@@ -26,7 +26,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD ALLMREC_CACHE=$T/cache
 "$PY" -c "import jax, flax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', \
 flax.__version__, 'orbax', o.__version__, jax.devices())"
-timeout "${BUDGET:-420}" "$PY" scripts/gpu_tables.py --config="${CONFIG:-configs/ml100k_long.py}" \
+timeout "${BUDGET:-420}" "$PY" -m experiments.gpu_tables --config="${CONFIG:-configs/ml100k_long.py}" \
   --workdir="$T/run" --item_tables="$T/item_tables.npz" --compile_cache=/tmp/xla_cache \
   --users="${USERS:-100}" --parts="${PARTS:?comma list of parts}" "$@" > "$OUT/log.txt" 2>&1
 echo "exit $?"

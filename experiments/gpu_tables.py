@@ -7,13 +7,13 @@ and replace that checkpoint there; every variant the tables train (stage-1 ablat
 backbones, the cross-domain source) trains its own stage 1 from the SBERT asset as usual.
 
   # here: the base run's item tables
-  python scripts/gpu_tables.py --config=configs/ml100k_long.py --workdir=runs/ml100k_lora \
+  python -m experiments.gpu_tables --config=configs/ml100k_long.py --workdir=runs/ml100k_lora \
       --export_item_tables=item_tables.npz
   # there: launch/tables.py's flags, plus the tables
-  python scripts/gpu_tables.py --config=configs/ml100k_long.py --workdir=RUN \
+  python -m experiments.gpu_tables --config=configs/ml100k_long.py --workdir=RUN \
       --item_tables=item_tables.npz --parts=ablations,model_agnostic --users=100
 
-scripts/gpu_tables_bundle.sh packs the bundle and scripts/gpu_tables_run.sh runs this
+experiments/gpu_tables_bundle.sh packs the bundle and experiments/gpu_tables_run.sh runs this
 there. A persistent XLA compilation cache (--compile_cache) lets the variants, which share
 their shapes, reuse one another's compiled programs.
 """
@@ -27,7 +27,7 @@ from absl import flags
 import jax
 
 from launch import tables as tables_launch
-from allmrec_jax.trainers import runner
+from allmrec_jax.trainers import item_tables as item_tables_lib
 
 _ITEM_TABLES = flags.DEFINE_string(
     "item_tables", "", "an .npz of the base run's stage-1 item tables (--export_item_tables): "
@@ -36,28 +36,28 @@ _EXPORT = flags.DEFINE_string("export_item_tables", "", "write the base run's st
                               "tables to this .npz and stop")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", "", "persistent XLA compilation cache "
                                      "folder (\"\" = none)")
-KEYS = runner.STAGE1_TABLE_KEYS
+KEYS = item_tables_lib.ITEM_TABLE_KEYS
 
 
 def _export(config, workdir: pathlib.Path, path: str) -> None:
-  tables = runner.save_stage1_tables(config, workdir, path, KEYS)
+  tables = item_tables_lib.save_item_tables(config, workdir, path, KEYS)
   print(f"wrote {path}: " + ", ".join(f"{k} {t.shape}" for k, t in tables.items()))
 
 
 def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
-  """Makes runner.stage1_tables return the .npz tables for `workdir` (checked against the
-  dataset's item count); other run folders compute theirs. A missing or malformed file
+  """Makes item_tables.item_tables return the .npz tables for `workdir` (checked against
+  the dataset's item count); other run folders compute theirs. A missing or malformed file
   fails here, before any model is loaded."""
-  saved = runner.load_stage1_tables(path, None, KEYS, flag="item_tables")
-  compute = runner.stage1_tables
+  saved = item_tables_lib.load_item_tables(path, None, KEYS, flag="item_tables")
+  compute = item_tables_lib.item_tables
   base = workdir.resolve()
 
-  def stage1_tables(config, wd, ds, cf_model, cf_params):
+  def item_tables(config, wd, ds, cf_model, cf_params):
     if pathlib.Path(wd).resolve() != base:
       return compute(config, wd, ds, cf_model, cf_params)
-    runner.check_stage1_tables(saved, ds.num_items + 1, f"--item_tables={path}")
+    item_tables_lib.check_item_tables(saved, ds.num_items + 1, f"--item_tables={path}")
     return dict(saved)
-  runner.stage1_tables = stage1_tables
+  item_tables_lib.item_tables = item_tables
 
 
 def main(argv):
