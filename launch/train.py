@@ -11,7 +11,6 @@ Multi-host (every process runs the same command; each reads its slice of every b
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -24,7 +23,6 @@ from allmrec_jax import config_lib
 from allmrec_jax import logging_utils
 from allmrec_jax import run_lock
 from allmrec_jax.trainers import reporting
-from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import runner
 from configs import base
 
@@ -72,10 +70,7 @@ def main(argv):
   with run_lock.writer("allmrec-train", _WORKDIR.value, enabled=jax.process_index() == 0):
     logging.info("JAX devices: %s", jax.devices())
     config = _CONFIG.value
-    try:
-      metrics = runner.train_and_evaluate(config, _WORKDIR.value)
-    except loop_lib.Preempted:          # SIGTERM / SIGINT: checkpoint saved, line logged
-      sys.exit(loop_lib.EXIT_PREEMPTED)
+    metrics = runner.train_and_evaluate(config, _WORKDIR.value)
     if "stage2" in config_lib.as_list(config.stages):   # A-LLMRec and its baselines
       baselines = config_lib.as_list(config.eval.baselines)
       prefix = f"{config.eval.split}/"

@@ -20,9 +20,9 @@ Checkpoint `extra` (one format for every stage): {"iteration": i, "state_step": 
 step counter, "data": the iterator's state after batch i, "loop": early-stopping record}.
 
 Preemption: SIGTERM or SIGINT during the loop finishes the current iteration, saves a
-checkpoint there, logs one line naming the step, and raises `Preempted` (the launchers exit
-non-zero); on multi-process runs the processes agree on the step through JAX's preemption
-sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`, which needs
+checkpoint there, logs one line naming the step, and raises `Preempted`, a SystemExit
+with status EXIT_PREEMPTED; on multi-process runs the processes agree on the step through
+JAX's preemption sync point (`jax.experimental.multihost_utils.reached_preemption_sync_point`, which needs
 `jax.distributed.initialize`), as MaxText does. A rerun resumes from that checkpoint.
 
 Every stage folder (`cf/`, `stage1/`, `stage2/`, and the variants' `stage2_*/`) holds a
@@ -73,13 +73,16 @@ def mark_finished(stage_dir, record: dict) -> None:
     (pathlib.Path(stage_dir) / MARKER).write_text(json.dumps(record) + "\n")
 
 
-class Preempted(RuntimeError):
-  """The run received SIGTERM / SIGINT; a checkpoint at `step` was saved."""
+class Preempted(SystemExit):
+  """The run received SIGTERM / SIGINT and saved a checkpoint at `step`: a SystemExit with
+  status EXIT_PREEMPTED, so that every launcher (train, tables, experiment scripts) exits
+  with it, its `finally` blocks and context managers (the run lock) unwound, no traceback."""
 
   def __init__(self, name: str, step: int, unit: str):
-    super().__init__(f"{name}: preempted at {unit} {step}; checkpoint saved, rerun the same "
-                     "command to resume from it")
+    super().__init__(EXIT_PREEMPTED)
     self.step = step
+    self.message = (f"{name}: preempted at {unit} {step}; checkpoint saved, rerun the same "
+                    "command to resume from it")
 
 
 class _SignalFlag:
@@ -290,7 +293,7 @@ def run(stage_dir, *, name: str, state: dict, step_fn, data, total: int, ckpt_ev
           logging.info("%s: early stop at %s %d", name, unit, i)
         if preempt:
           err = Preempted(name, i, unit)
-          logging.warning("%s", err)
+          logging.warning("%s", err.message)
           raise err
         if stop_after is not None and i >= stop_after and not completed:
           return LoopResult(state, i, False, record, None)
