@@ -74,6 +74,12 @@ class Stage2Config:
   train_lora: bool
   use_user: bool
   use_items: bool
+  schedule: str
+  warmup_frac: float
+  grad_accum: int
+  curriculum: str
+  curriculum_frac: float
+  two_step_steps: int
 
   @classmethod
   def from_config(cls, config) -> Stage2Config:

@@ -13,6 +13,7 @@ from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.trainers import baselines as baselines_lib
 from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import stage1 as stage1_lib
+from allmrec_jax.trainers import stage2_options
 
 STAGES = ("cf", "stage1", "stage2")
 
@@ -61,7 +62,9 @@ def validate_config(config) -> None:
   for build in (config_lib.CFTrainConfig.from_config, stage1_lib.Stage1Config.from_config,
                 config_lib.Stage2Config.from_config):
     try:
-      build(config)
+      built = build(config)
+      if isinstance(built, config_lib.Stage2Config):   # schedule, curriculum, two-step
+        stage2_options.validate_options(built)
     except ValueError as e:    # missing / unknown fields, impossible stage-1 values
       problems.append(str(e))
   s2 = config.stage2

@@ -93,7 +93,9 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   #   float16; "" keeps this port's float32 parity default
   c.llm.lora_rank = 8             # LoRA adapter shape for the trainers that train adapters
   c.llm.lora_alpha = 16.0         #   (stage2.train_lora; TALLRec's rank 8, alpha 16 on q, v);
-  c.llm.lora_targets = "q,v"      #   comma-separated of q, k, v, o. The frozen LLM ignores them
+  c.llm.lora_targets = "q,v"      #   comma-separated of the attention's q, k, v, o and the
+                                  #   MLP's gate, up, down (Llama family) or fc1, fc2 (OPT).
+                                  #   The frozen LLM ignores them
 
   # ---------------------------------------------------------------- stage 1
   c.stage1 = ml_collections.ConfigDict()
@@ -167,6 +169,20 @@ def get_base_config() -> ml_collections.ConfigDict:
                                   #   docs/results.md)
   c.stage2.use_user = True        # False = the "w/o user representation" ablation
   c.stage2.use_items = True       # False = the "w/o joint embeddings" ablation
+  # Training options beyond the paper (trainers/stage2_options.py); defaults = the paper.
+  c.stage2.schedule = "constant"  # lr schedule: constant (paper) | warmup_cosine: linear from 0
+                                  #   over warmup_frac of the updates, cosine to 0 at the last
+  c.stage2.warmup_frac = 0.05     # warmup share of warmup_cosine
+  c.stage2.grad_accum = 1         # k > 1: one Adam update per k micro-batches (their mean
+                                  #   gradient: k x batch_size per update); steps, logs and
+                                  #   checkpoints count micro-batches
+  c.stage2.curriculum = "none"    # none (paper) | linear: LLaRA's curriculum, step i uses the
+                                  #   soft-token prompt with probability min(1, i / (curriculum_frac
+                                  #   x steps)), else the text-only one (needs train_lora)
+  c.stage2.curriculum_frac = 1.0  # share of the steps after which every prompt has soft tokens
+  c.stage2.two_step_steps = 0     # N > 0: CoLLM's order, the first N steps train only LoRA on
+                                  #   text-only prompts, then LoRA freezes and the projectors
+                                  #   train on soft-token prompts (needs train_lora)
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()

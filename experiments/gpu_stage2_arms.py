@@ -23,14 +23,19 @@ item_slot, user_at_answer, lr, before/after hit@1/hit@5/mrr, curve [[step, hit@1
 the mean loss of the first and last 20 steps, seconds (the arm's wall time, compiles
 included) and the accelerator's device_kind.
 
+Training. Each arm trains with the product's loop (trainers/loop.run: the stage-2 trainer's
+step, the stage-2 batches, the ranking above as the loop's evaluation) in a scratch folder
+that is deleted at the end.
+
 Time budget. --time_budget_s counts from the start of main() (loading the data, models and
-checkpoints included, the Python imports not). Each arm
-gets the budget still left divided by the arms still to run, and stops training (after at
-least one step) once the end of its share, less the duration of the latest ranking (the
-estimate of its final ranking), is reached; steps_done and stopped_by_budget say what
-happened. With the defaults the whole script is meant to end within 8 minutes on one GPU.
-The first arm also pays the compiles (one trainer and one evaluator serve all arms); its
-share counts from the end of its first step, so the later arms share what is left.
+checkpoints included, the Python imports not). Each arm gets the budget still left divided
+by the arms still to run. The loop pauses every --check_every steps (a checkpoint in the
+scratch folder, from which it resumes); the arm stops there once the next --check_every
+steps (at the step time the loop measured last) and a final ranking (as long as the latest
+one) would end past its share. steps_done and stopped_by_budget say what happened. With
+the defaults the whole script is meant to end within 8 minutes on one GPU. The first arm
+also pays the compiles (one trainer and one evaluator serve all arms); its share counts
+from the end of its first step, so the later arms share what is left.
 
 Run (one GPU):
 
@@ -38,7 +43,8 @@ Run (one GPU):
       --config=configs/ml100k_paper.py --workdir=runs/ml100k_paper --out=/tmp/arms.jsonl
 
   options: --arms=oracle,method_bos_first,method_user_first --steps=1200 --batch_size=32
-  --eval_every=300 --eval_users=200 --time_budget_s=420, and any config field, e.g.
+  --eval_every=300 --eval_users=200 --time_budget_s=420 --check_every=100, and any config
+  field, e.g.
   --config.stage2.item_slot=in_quotes --config.stage2.user_at_answer=True.
 
 WORKDIR should hold a finished cf/ and stage1/ (then it is only read); when either is
@@ -62,18 +68,19 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 import time
 from typing import Any
 from collections.abc import Callable
 
 from absl import app
-import flax.linen as nn
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np
 
+from allmrec_jax import checkpointing
 from allmrec_jax import logging_utils
 from allmrec_jax.data import pipelines
 from allmrec_jax.data import prepare
@@ -87,6 +94,7 @@ from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import stage2_run
 from allmrec_jax.trainers import stage2 as stage2_lib
 from allmrec_jax.weights import llm as llm_weights
+from experiments import _study_io
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "the run's config file", lock_config=True)
@@ -103,6 +111,8 @@ flags.DEFINE_integer("eval_every", 300, "rank the validation users every this ma
 flags.DEFINE_integer("eval_users", 200, "seeded validation users ranked")
 flags.DEFINE_float("time_budget_s", 420.0, "seconds from the script's start; split across "
                    "the arms still to run")
+flags.DEFINE_integer("check_every", 100, "steps between an arm's budget checks (the training "
+                     "loop pauses there)")
 flags.DEFINE_string("tables", "", "an .npz of the stage-1 item tables (cf, joint) written by "
                     "--export_tables: stage 1's checkpoint (and SBERT) are then not needed")
 flags.DEFINE_string("export_tables", "", "write WORKDIR's stage-1 item tables to this .npz "
@@ -144,12 +154,12 @@ TABLE_KEYS = ("cf", "joint")
 
 def export_tables(config, workdir: str | os.PathLike, path: str | os.PathLike) -> dict:
   """Writes the stage-1 item tables of a finished `workdir` to `path` (.npz); returns them."""
-  return item_tables_lib.save_item_tables(config, workdir, path, TABLE_KEYS)
+  return _study_io.save_item_tables(config, workdir, path, TABLE_KEYS)
 
 
 def load_tables(path: str | os.PathLike, num_items: int) -> dict[str, np.ndarray]:
   """The item tables of --tables, checked against the dataset."""
-  return item_tables_lib.load_item_tables(path, num_items, TABLE_KEYS, flag="tables")
+  return _study_io.load_item_tables(path, num_items, TABLE_KEYS, flag="tables")
 
 
 def ensure_cf_stage1(config, workdir: pathlib.Path, need_stage1: bool = True) -> bool:
@@ -190,19 +200,42 @@ def test_pass(ev, builder, params, es, user_rep, *, generate: bool, seed: int
   return out
 
 
+def train_arm(folder: pathlib.Path, name: str, state: dict, step_fn, data, *, steps: int,
+              eval_every: int, check_every: int, evaluate,
+              out_of_time: Callable[[float], bool]) -> tuple[loop_lib.LoopResult, bool]:
+  """Trains one arm with the product's loop in `folder` (its checkpoints and metrics),
+  pausing every `check_every` steps; stops there when `out_of_time(seconds the next
+  check_every steps take)`. Returns (the loop's last result, stopped by the budget)."""
+  manager = checkpointing.make_manager(folder / "ckpt", max_to_keep=1)
+  done = 0
+  while True:
+    pause = done + check_every
+    result = loop_lib.run(folder, name=name, state=state, step_fn=step_fn, data=data,
+                          total=steps, ckpt_every=check_every, manager=manager,
+                          log_every=check_every, evaluate=evaluate,
+                          eval_every=eval_every or steps, eval_at_start=True,
+                          stop_after=pause if pause < steps else None, progress=False)
+    state, done = result.state, result.iteration
+    logging.info("%s step %d loss %.4f", name, done, result.record["train/loss"])
+    if result.completed:
+      return result, False
+    if out_of_time(check_every * result.record["train/step_time_s"]):
+      return result, True
+
+
 def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: str,
              steps: int, batch_size: int, eval_every: int, eval_users: int,
              time_budget_s: float, start_time: float | None = None,
              tables_path: str = "", test_users: int = 0, test_generate: bool = False,
              test_reserve_s: float = 0.0, eval_batch_size: int = 0,
-             emit: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             check_every: int = 100, emit: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs `arms` in order; writes and emits one JSON line per arm; returns the rows."""
   t_start = time.time() if start_time is None else start_time
   unknown = [a for a in arms if a not in ARMS]
   if unknown or not arms:
     raise ValueError(f"--arms: unknown {unknown}; known: {list(ARMS)}")
-  if steps < 1 or batch_size < 1:
-    raise ValueError("--steps and --batch_size must be >= 1")
+  if steps < 1 or batch_size < 1 or check_every < 1:
+    raise ValueError("--steps, --batch_size and --check_every must be >= 1")
   if config.asset_cache_dir:
     os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
   workdir = pathlib.Path(workdir).expanduser()
@@ -229,6 +262,10 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
   llm, llm_params = loaded.module, {"params": loaded.params}
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=TRAIN_HISTORY,
                                     positions_per_user=config.stage2.positions_per_user)
+  n_batches = len(ex.users) // batch_size
+  if n_batches == 0:
+    raise ValueError(f"no training batch: {len(ex.users)} examples < batch size "
+                     f"{batch_size}")
   es = eval_lib.make_eval_set(ds, "valid", maxlen=config.data.maxlen,
                               num_history=config.eval.num_history, max_users=eval_users,
                               seed=config.data.candidate_seed)
@@ -281,11 +318,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     last_rank_s[0] = time.time() - t
     return {k: round(float(m[k]), 4) for k in ("hit@1", "hit@5", "mrr")}
 
-  out_file = pathlib.Path(out_path).expanduser()
-  out_file.parent.mkdir(parents=True, exist_ok=True)
-  out_file.write_text("")
-  rows = []
-  for i, name in enumerate(arms):
+  def arm_row(i: int, name: str, scratch: pathlib.Path) -> dict[str, Any]:
     spec = ARMS[name]
     t_arm = time.time()
     deadline = t_arm + (t_start + time_budget_s - t_arm) / (len(arms) - i)
@@ -300,55 +333,43 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     if config.stage2.train_lora:   # LoRA adapters trained with the projectors
       params0["lora"] = lora_lib.init_adapters(llm, llm_params,
                                                jax.random.PRNGKey(config.seed + 1))
-    state = trainer.init_state(params0)
-    params0 = nn.unbox(params0)
-    before = rank(ev, builder, params0, eval_rep)
-    curve = [[0, before["hit@1"]]]
-    latest = (0, before)
-    losses: list[float] = []
-    pending = None        # the loss of the step in flight (read one step late)
-    step, epoch, stopped = 0, 0, False
-    while step < steps and not stopped:
-      batches = stage2_lib.iterate_batches(ex, train_rep, builder, ds, index,
-                                           batch_size=batch_size,
-                                           num_candidates=TRAIN_CANDIDATES,
-                                           seed=config.seed, epoch=epoch)
-      n_before = step
-      for _, arrays in batches:
-        state, metrics = trainer.step(state, arrays)
-        step += 1
-        if i == 0 and step == 1:
-          # The first arm pays the compiles (its first ranking and step): its share of the
-          # budget counts from here, so the arms train for about the same time.
-          jax.block_until_ready(metrics)
-          deadline += time.time() - t_arm
-        if pending is not None:
-          losses.append(float(pending))
-        pending = metrics["train/loss"]
-        if step % 100 == 0:
-          logging.info("%s step %d loss(last 20) %.4f %.0fs", name, step,
-                       np.mean(losses[-20:]), time.time() - t_arm)
-        if eval_every and step % eval_every == 0 and step < steps:
-          losses.append(float(pending))
-          pending = None
-          latest = (step, rank(ev, builder, jax.device_get(state["params"]), eval_rep))
-          curve.append([step, latest[1]["hit@1"]])
-        if step >= steps:
-          break
-        if time.time() + last_rank_s[0] >= deadline:
-          stopped = True
-          break
-      if step == n_before:
-        raise ValueError(f"no training batch: {len(ex.users)} examples < batch size "
-                         f"{batch_size}")
-      epoch += 1
-    if pending is not None:
-      losses.append(float(pending))
-    if latest[0] == step:
-      after = latest[1]
-    else:
-      after = rank(ev, builder, jax.device_get(state["params"]), eval_rep)
-      curve.append([step, after["hit@1"]])
+
+    def epoch_batches(epoch: int, start: int):
+      for _, arrays in stage2_lib.iterate_batches(ex, train_rep, builder, ds, index,
+                                                  batch_size=batch_size,
+                                                  num_candidates=TRAIN_CANDIDATES,
+                                                  seed=config.seed, epoch=epoch,
+                                                  start_batch=start):
+        yield arrays
+
+    ranked: dict[int, dict[str, float]] = {}    # step -> ranking (the loop's evaluations)
+    losses: list[jax.Array] = []                 # every step's loss, read at the end
+
+    def evaluate(params, step):
+      ranked[step] = rank(ev, builder, params, eval_rep)
+      return {f"val/{k}": v for k, v in ranked[step].items()}
+
+    def step_fn(state, arrays):
+      nonlocal deadline
+      state, metrics = trainer.step(state, arrays)
+      losses.append(metrics["train/loss"])
+      if i == 0 and len(losses) == 1:
+        # The first arm pays the compiles (its first ranking and step): its share of the
+        # budget counts from here, so the arms train for about the same time.
+        jax.block_until_ready(metrics)
+        deadline += time.time() - t_arm
+      return state, metrics
+
+    result, stopped = train_arm(
+        scratch / name, name, trainer.init_state(params0), step_fn,
+        loop_lib.EpochBatches(epoch_batches, n_batches), steps=steps, eval_every=eval_every,
+        check_every=check_every, evaluate=evaluate,
+        out_of_time=lambda next_s: time.time() + next_s + last_rank_s[0] >= deadline)
+    step = result.iteration
+    params = jax.device_get(result.state["params"])
+    if step not in ranked:
+      ranked[step] = rank(ev, builder, params, eval_rep)
+    loss = np.asarray(jax.device_get(losses), np.float64)
     row = {"arm": name, "user": spec.user, "steps_requested": steps, "steps_done": step,
            "stopped_by_budget": stopped, "batch_size": batch_size, "bos": cfg.bos,
            "item_slot": cfg.item_slot,
@@ -358,20 +379,30 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
            "positions_per_user": cfg.positions_per_user,
            "eval_split": "valid", "eval_users": len(es.users),
            "eval_users_digest": digest(es.users), "user_rep_digest": digest(eval_rep),
-           "before": before, "after": after, "curve": curve,
-           "loss_first20": round(float(np.mean(losses[:20])), 4),
-           "loss_last20": round(float(np.mean(losses[-20:])), 4),
+           "before": ranked[0], "after": ranked[step],
+           "curve": [[s, m["hit@1"]] for s, m in sorted(ranked.items())],
+           "loss_first20": round(float(np.mean(loss[:20])), 4),
+           "loss_last20": round(float(np.mean(loss[-20:])), 4),
            "seconds": round(time.time() - t_arm, 1), "setup_seconds": round(setup_s, 1),
            "device_kind": device_kind, "workdir": str(workdir)}
     if es_test is not None and spec.user == "cf":
-      row["test"] = test_pass(ev, builder, jax.device_get(state["params"]), es_test,
-                              test_rep, generate=test_generate, seed=config.seed)
+      row["test"] = test_pass(ev, builder, params, es_test, test_rep,
+                              generate=test_generate, seed=config.seed)
       row["seconds"] = round(time.time() - t_arm, 1)
-    line = json.dumps(row)
-    with open(out_file, "a") as f:
-      f.write(line + "\n")
-    emit(line)
-    rows.append(row)
+    return row
+
+  out_file = pathlib.Path(out_path).expanduser()
+  out_file.parent.mkdir(parents=True, exist_ok=True)
+  out_file.write_text("")
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="gpu_stage2_arms_") as scratch:
+    for i, name in enumerate(arms):
+      row = arm_row(i, name, pathlib.Path(scratch))
+      line = json.dumps(row)
+      with open(out_file, "a") as f:
+        f.write(line + "\n")
+      emit(line)
+      rows.append(row)
   return rows
 
 
@@ -395,6 +426,7 @@ def main(argv):
            time_budget_s=FLAGS.time_budget_s, start_time=t_start, tables_path=FLAGS.tables,
            test_users=FLAGS.test_users, test_generate=FLAGS.test_generate,
            test_reserve_s=FLAGS.test_reserve_s, eval_batch_size=FLAGS.eval_batch_size,
+           check_every=FLAGS.check_every,
            emit=lambda line: print(line, flush=True))
 
 

@@ -26,8 +26,9 @@ from absl import app
 from absl import flags
 import jax
 
-from launch import tables as tables_launch
 from allmrec_jax.trainers import item_tables as item_tables_lib
+from experiments import _study_io
+from launch import tables as tables_launch
 
 _ITEM_TABLES = flags.DEFINE_string(
     "item_tables", "", "an .npz of the base run's stage-1 item tables (--export_item_tables): "
@@ -36,11 +37,11 @@ _EXPORT = flags.DEFINE_string("export_item_tables", "", "write the base run's st
                               "tables to this .npz and stop")
 _COMPILE_CACHE = flags.DEFINE_string("compile_cache", "", "persistent XLA compilation cache "
                                      "folder (\"\" = none)")
-KEYS = item_tables_lib.ITEM_TABLE_KEYS
+KEYS = _study_io.ITEM_TABLE_KEYS
 
 
 def _export(config, workdir: pathlib.Path, path: str) -> None:
-  tables = item_tables_lib.save_item_tables(config, workdir, path, KEYS)
+  tables = _study_io.save_item_tables(config, workdir, path, KEYS)
   print(f"wrote {path}: " + ", ".join(f"{k} {t.shape}" for k, t in tables.items()))
 
 
@@ -48,14 +49,14 @@ def _use_item_tables(workdir: pathlib.Path, path: str) -> None:
   """Makes item_tables.item_tables return the .npz tables for `workdir` (checked against
   the dataset's item count); other run folders compute theirs. A missing or malformed file
   fails here, before any model is loaded."""
-  saved = item_tables_lib.load_item_tables(path, None, KEYS, flag="item_tables")
+  saved = _study_io.load_item_tables(path, None, KEYS, flag="item_tables")
   compute = item_tables_lib.item_tables
   base = workdir.resolve()
 
   def item_tables(config, wd, ds, cf_model, cf_params):
     if pathlib.Path(wd).resolve() != base:
       return compute(config, wd, ds, cf_model, cf_params)
-    item_tables_lib.check_item_tables(saved, ds.num_items + 1, f"--item_tables={path}")
+    _study_io.check_item_tables(saved, ds.num_items + 1, f"--item_tables={path}")
     return dict(saved)
   item_tables_lib.item_tables = item_tables
 

@@ -9,14 +9,16 @@ catalog = every item as a negative, prompt = `stage2.num_candidates` - 1 sampled
 on the stage-2 training examples (x_u from the frozen CF model, F_I fed the configured item
 table), and ranks the 20 stored validation candidates of --eval_users seeded users by that
 cosine — no prompt, no LLM. This bounds what the `[U]`/`[C]` match can give the LLM to copy
-from, at a cost of seconds. Reads the finished cf/ and stage1/ of WORKDIR; prints one JSON
-line per evaluation.
+from, at a cost of seconds. Reads the finished cf/ and stage1/ of WORKDIR; trains with the
+product's training loop (trainers/loop.run, in a scratch folder deleted at the end), the
+ranking as its evaluation; prints one JSON line per evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import tempfile
 import time
 
 from absl import app
@@ -33,7 +35,9 @@ from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import evaluate as eval_lib
 from allmrec_jax.trainers import item_tables as item_tables_lib
+from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.trainers import steps as steps_lib
 from allmrec_jax.weights import llm as llm_weights
 
 FLAGS = flags.FLAGS
@@ -45,10 +49,35 @@ flags.DEFINE_integer("batch", 64, "training examples per step")
 flags.DEFINE_integer("steps", 500, "steps")
 flags.DEFINE_float("temperature", 0.1, "InfoNCE temperature")
 flags.DEFINE_integer("eval_users", 300, "validation users ranked")
-flags.DEFINE_integer("eval_every", 100, "steps between rankings")
+flags.DEFINE_integer("eval_every", 100, "steps between rankings (0 = before and after "
+                     "only)")
 flags.DEFINE_string("projectors_from", "", "a stage-2 checkpoint folder (e.g. WORKDIR/stage2/"
                     "ckpt): start from its latest projectors instead of fresh ones; with "
                     "--steps=0 this ranks a trained run's [U]/[C] match without the LLM")
+
+
+class RandomBatches:
+  """Batches of `size` of `num` training examples, drawn without replacement by one seeded
+  generator, step after step: `make_batch(rows, step)`. Resumable (its state is the
+  generator's)."""
+
+  def __init__(self, make_batch, num: int, size: int, seed: int):
+    self._make, self._num, self._size = make_batch, num, size
+    self._rng, self._step = np.random.default_rng(seed), 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._step += 1
+    return self._make(self._rng.choice(self._num, self._size, replace=False), self._step)
+
+  def get_state(self) -> dict:
+    return {"step": self._step, "rng": self._rng.bit_generator.state}
+
+  def set_state(self, state: dict) -> None:
+    self._step = int(state["step"])
+    self._rng.bit_generator.state = state["rng"]
 
 
 def main(argv):
@@ -95,23 +124,45 @@ def main(argv):
     c = c / jnp.linalg.norm(c, axis=-1, keepdims=True)
     return jnp.einsum("be,bce->bc", u, c)
 
-  def evaluate(step, p, loss):
+  last_loss = [None]          # the latest step's loss (a device scalar)
+
+  def evaluate(p, step):
+    """The loop's evaluation: the ranking by cosine, printed as one JSON line."""
     s = np.asarray(rank_scores(p))
     rank = (s > s[:, :1]).sum(1)
-    row = {"step": step, "loss": None if loss is None else round(loss, 4),
-           "hit@1": round(float((rank == 0).mean()), 4),
-           "hit@5": round(float((rank < 5).mean()), 4),
-           "mrr": round(float((1.0 / (rank + 1)).mean()), 4),
-           "seconds": round(time.time() - t0, 1)}
-    print(json.dumps(row), flush=True)
+    m = {"hit@1": round(float((rank == 0).mean()), 4),
+         "hit@5": round(float((rank < 5).mean()), 4),
+         "mrr": round(float((1.0 / (rank + 1)).mean()), 4)}
+    loss = None if last_loss[0] is None else round(float(last_loss[0]), 4)
+    print(json.dumps({"step": step, "loss": loss, **m,
+                      "seconds": round(time.time() - t0, 1)}), flush=True)
+    return {f"val/{k}": v for k, v in m.items()}
 
   @jax.jit
-  def step_fn(p, o, batch):
+  def train_step(state, batch):
+    p, o = state["params"], state["opt_state"]
     loss, g = jax.value_and_grad(lambda q: stage2_lib.user_match_loss(
         q, item_table, batch, projectors=proj, temperature=FLAGS.temperature,
         negatives=FLAGS.negatives))(p)
     updates, o = opt.update(g, o, p)
-    return jax.tree.map(lambda a, b: a + b, p, updates), o, loss
+    p = jax.tree.map(lambda a, b: a + b, p, updates)
+    return steps_lib.new_state(p, o, state["step"] + 1), {"train/loss": loss}
+
+  def step_fn(state, batch):
+    state, metrics = train_step(state, batch)
+    last_loss[0] = metrics["train/loss"]
+    return state, metrics
+
+  index = pipelines.train_exclusion_index(ds) if FLAGS.negatives == "prompt" else None
+
+  def make_batch(sel, step):
+    batch = {"user_rep": jnp.asarray(user_rep[sel]),
+             "target_item": jnp.asarray(ex.targets[sel])}
+    if FLAGS.negatives == "prompt":
+      batch["cand_items"] = jnp.asarray(stage2_lib.sample_candidates(
+          ds, index, ex.users[sel], ex.targets[sel], sel, cfg.num_candidates, config.seed,
+          step))
+    return batch
 
   print(json.dumps({"negatives": FLAGS.negatives, "batch": FLAGS.batch,
                     "temperature": FLAGS.temperature, "lr": cfg.lr,
@@ -119,20 +170,15 @@ def main(argv):
                     "item_standardize": bool(cfg.item_standardize),
                     "examples": int(ex.users.size), "eval_users": len(es.users),
                     "projectors_from": FLAGS.projectors_from}), flush=True)
-  evaluate(0, params, None)
-  rng = np.random.default_rng(config.seed)
-  index = pipelines.train_exclusion_index(ds) if FLAGS.negatives == "prompt" else None
-  for step in range(1, FLAGS.steps + 1):
-    sel = rng.choice(ex.users.size, FLAGS.batch, replace=False)
-    batch = {"user_rep": jnp.asarray(user_rep[sel]),
-             "target_item": jnp.asarray(ex.targets[sel])}
-    if FLAGS.negatives == "prompt":
-      batch["cand_items"] = jnp.asarray(stage2_lib.sample_candidates(
-          ds, index, ex.users[sel], ex.targets[sel], sel, cfg.num_candidates, config.seed,
-          step))
-    params, opt_state, loss = step_fn(params, opt_state, batch)
-    if step % FLAGS.eval_every == 0 or step == FLAGS.steps:
-      evaluate(step, params, float(loss))
+  state = steps_lib.new_state(jax.device_put(params), jax.device_put(opt_state))
+  eval_every = FLAGS.eval_every or max(FLAGS.steps, 1)
+  with tempfile.TemporaryDirectory(prefix="probe_match_") as scratch:
+    loop_lib.run(scratch, name="probe_match", state=state, step_fn=step_fn,
+                 data=RandomBatches(make_batch, ex.users.size, FLAGS.batch, config.seed),
+                 total=FLAGS.steps, ckpt_every=max(FLAGS.steps, 1),
+                 manager=checkpointing.make_manager(pathlib.Path(scratch) / "ckpt"),
+                 log_every=eval_every, evaluate=evaluate, eval_every=eval_every,
+                 eval_at_start=True, progress=False)
 
 
 if __name__ == "__main__":

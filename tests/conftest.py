@@ -74,12 +74,11 @@ SLOW_TESTS = {
     "tests/stage2/test_tables.py::test_scenario_parts_tiny": 290,
     "tests/stage2/test_runner_e2e.py::test_all_stages_tiny": 225,
     "tests/stage2/test_llm_shapes_e2e.py": 250,
-    "tests/test_kill_resume.py::test_two_kills_resume_to_identical_metrics": 205,
-    "tests/test_kill_resume.py::test_sigterm_saves_where_it_stopped_and_resumes_to_identical_metrics": 205,
+    "tests/test_kill_resume.py::test_sigterm_and_sigkill_resume_to_identical_metrics": 260,
     "tests/stage2/test_tables.py::test_model_parts_tiny": 185,
     "tests/stage2/test_gpu_arms_script.py": 165,
     "tests/stage1/test_stage1_ml100k.py::test_ml100k_stage1_frozen_sbert_standardised": 150,
-    "tests/test_multiprocess.py::test_two_processes_equal_one": 130,
+    "tests/test_multiprocess.py": 210,
     "tests/stage2/test_runner_e2e.py::test_long_config_layout_tiny": 105,
     "tests/stage2/test_tables.py::test_cross_domain_amazon_pair": 100,
     "tests/stage2/test_tables.py::test_default_parts_tiny": 85,
@@ -87,7 +86,8 @@ SLOW_TESTS = {
     "tests/stage2/test_stage2_resume.py::test_resume_equals_uninterrupted": 50,
 }
 # Files whose tests share an expensive module-scoped fixture: moved as one block.
-_MOVED_WHOLE = ("tests/stage2/test_gpu_arms_script.py", "tests/stage2/test_llm_shapes_e2e.py")
+_MOVED_WHOLE = ("tests/stage2/test_gpu_arms_script.py", "tests/stage2/test_llm_shapes_e2e.py",
+                 "tests/test_multiprocess.py")
 
 
 def _unit_of(nodeid: str) -> str:

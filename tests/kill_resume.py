@@ -1,5 +1,5 @@
 r"""Kill anywhere, resume, compare: the whole pipeline under SIGKILL (or, with
---signal=TERM, a scheduler's SIGTERM) at random points.
+--signal=TERM, a scheduler's SIGTERM; --signal=TERM,KILL alternates them) at random points.
 
   .venv/bin/python tests/kill_resume.py --out=/tmp/kill_resume --kills=10 [--seed=0]
 
@@ -46,10 +46,11 @@ flags.DEFINE_integer("kills", 10, "how many SIGKILLs")
 flags.DEFINE_integer("seed", 0, "seed of the kill points")
 flags.DEFINE_float("jitter_s", 2.0, "random extra delay after a progress target is reached")
 flags.DEFINE_integer("timeout_s", 900, "limit for one (re)start of the pipeline")
-flags.DEFINE_enum("signal", "KILL", ["KILL", "TERM"], "KILL: SIGKILL the process group "
-                  "(nothing saved); TERM: SIGTERM the process, as a scheduler preempting "
-                  "it (the loop saves a checkpoint at the step reached and exits with "
-                  "loop.EXIT_PREEMPTED)")
+flags.DEFINE_list("signal", ["KILL"], "the signals of the kills, in turn (KILL,TERM "
+                  "alternates): KILL = SIGKILL the process group (nothing saved); TERM = "
+                  "SIGTERM the process, as a scheduler preempting it (the loop saves a "
+                  "checkpoint at the step reached and exits with loop.EXIT_PREEMPTED)")
+SIGNALS = ("KILL", "TERM")
 
 # Tiny sizes; checkpoints at every step / epoch so that kills land between and inside saves.
 OVERRIDES = {
@@ -98,9 +99,10 @@ def progress(workdir: pathlib.Path) -> int:
 
 
 def run_once(cmd, env, workdir: pathlib.Path, log: pathlib.Path, timeout_s: int,
-             kill_at: int | None = None, jitter_s: float = 0.0) -> dict:
-  """Starts the pipeline; with kill_at, SIGKILLs it jitter_s after progress >= kill_at.
-  Returns {"killed", "rc", "progress_at_kill", "seconds"}."""
+             kill_at: int | None = None, jitter_s: float = 0.0, sig: str = "KILL") -> dict:
+  """Starts the pipeline; with kill_at, sends `sig` (KILL: SIGKILL to the process group;
+  TERM: SIGTERM to the process, then waits for it to exit) jitter_s after progress >=
+  kill_at. Returns {"killed", "signal", "rc", "progress_at_kill", "seconds"}."""
   t0 = time.monotonic()
   with open(log, "ab") as f:
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -116,18 +118,17 @@ def run_once(cmd, env, workdir: pathlib.Path, log: pathlib.Path, timeout_s: int,
           time.sleep(0.02)
         if p.poll() is None:
           at = progress(workdir)
-          if FLAGS.signal == "TERM":
+          if sig == "TERM":
             os.kill(p.pid, signal.SIGTERM)
             p.wait(timeout=timeout_s)
             f.flush()
             tail = log.read_bytes()[-4000:].decode("utf-8", "replace")
-            return {"killed": True, "rc": p.returncode, "progress_at_kill": at,
-                    "preempted_line": "preempted at" in tail,
+            return {"killed": True, "signal": sig, "rc": p.returncode,
+                    "progress_at_kill": at, "preempted_line": "preempted at" in tail,
                     "seconds": round(time.monotonic() - t0, 1)}
-          else:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-          return {"killed": True, "rc": p.returncode, "progress_at_kill": at,
+          os.killpg(p.pid, signal.SIGKILL)
+          p.wait()
+          return {"killed": True, "signal": sig, "rc": p.returncode, "progress_at_kill": at,
                   "seconds": round(time.monotonic() - t0, 1)}
       p.wait(timeout=timeout_s)
     finally:
@@ -192,6 +193,9 @@ def main(argv):
   if not (assets / "llm" / "config.json").exists():
     testing.write_tiny_llama(assets / "llm")
     testing.write_tiny_sbert(assets / "sbert")
+  bad = [x for x in FLAGS.signal if x not in SIGNALS]
+  if bad or not FLAGS.signal:
+    raise app.UsageError(f"--signal={','.join(FLAGS.signal)}: choose from {', '.join(SIGNALS)}")
   env = environment()
   ref, killed = out / "ref", out / "killed"
   if not (ref / "stage2" / "metrics.json").exists():
@@ -204,9 +208,10 @@ def main(argv):
   # Targets below the last progress point leave work to interrupt after the jitter.
   targets = sorted(int(t) for t in rng.integers(0, max(total - 1, 1), FLAGS.kills))
   kills = []
-  for target in targets:
+  for i, target in enumerate(targets):
     r = run_once(command(assets, killed), env, killed, out / "killed.log", FLAGS.timeout_s,
-                 kill_at=target, jitter_s=float(rng.uniform(0.0, FLAGS.jitter_s)))
+                 kill_at=target, jitter_s=float(rng.uniform(0.0, FLAGS.jitter_s)),
+                 sig=FLAGS.signal[i % len(FLAGS.signal)])
     kills.append({"target": target, **r})
     print(json.dumps({"kill": len(kills), **kills[-1]}), flush=True)
     if not r["killed"]:

@@ -5,10 +5,6 @@ KV cache (shared by every decoder): a pytree
    "end": int32[]}  # slots [0, end) are filled
 created by `init_kv_cache`. A call with T new tokens writes them at slots [end, end + T) and
 returns end + T. The attention mask then covers the whole window: int[B, S], 1 = valid slot.
-
-Inspection: called with `mutable=["intermediates"]`, each Attention sows its head-averaged
-probabilities float32[B, T, S] as `intermediates/.../attn/attn_probs` (a 1-tuple); without
-that collection mutable nothing is computed or stored.
 """
 
 from __future__ import annotations
@@ -183,11 +179,6 @@ class Attention(nn.Module):
       k, v = kc, vc
     scale = self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
     out = dot_product_attention(q, k, v, mask, scale)
-    if self.is_mutable_collection("intermediates"):
-      # Opt-in inspection (apply(..., mutable=["intermediates"])): the head-averaged
-      # probabilities, float32[B, T, S]; recomputed here so the default path is unchanged.
-      self.sow("intermediates", "attn_probs",
-               attention_probs(q, k, mask, scale).mean(axis=(1, 2)))
     out = nn.with_logical_constraint(out, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
     y = DenseGeneral((e,), (ct.HEADS, ct.KV, ct.EMBED), num_contract=2, use_bias=self.out_bias,
                      **kw("o"))(out)

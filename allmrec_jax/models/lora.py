@@ -1,9 +1,11 @@
 """LoRA adapters of a frozen decoder (the "lora" collection of layers/linears.DenseGeneral).
 
-A decoder built with `lora_rank > 0` and `lora_targets` reads adapters only when its
-variables carry a "lora" collection, so one loaded module serves the frozen LLM (LLM-Only,
-the paper's A-LLMRec) and the adapted one. A trainer keeps the adapters in its trainable
-tree as `trainable["lora"]` beside the projectors' `trainable["params"]`.
+A decoder built with `lora_rank > 0` and `lora_targets` (the attention projections q, k, v,
+o of every family; the MLP projections gate, up, down of the Llama family, fc1, fc2 of OPT)
+reads adapters only when its variables carry a "lora" collection, so one loaded module
+serves the frozen LLM (LLM-Only, the paper's A-LLMRec) and the adapted one. A trainer keeps
+the adapters in its trainable tree as `trainable["lora"]` beside the projectors'
+`trainable["params"]`.
 
 Written here rather than taken from qwix (0.1.8): qwix's LoraProvider intercepts
 `lax.dot_general` on a module's parameter and works on this package's float32 path, but the
@@ -23,16 +25,29 @@ from allmrec_jax import common_types as ct
 from allmrec_jax import config_lib
 
 
-TARGETS = ("q", "k", "v", "o")
+ATTENTION_TARGETS = ("q", "k", "v", "o")          # every decoder's attention projections
+MLP_TARGETS = {"llama": ("gate", "up", "down"),   # SwiGLU (layers/mlp.GatedMlp)
+               "opt": ("fc1", "fc2")}             # ReLU FFN (layers/mlp.Mlp)
+TARGETS = ATTENTION_TARGETS + tuple(n for names in MLP_TARGETS.values() for n in names)
 
 
-def parse_targets(spec: str) -> tuple[str, ...]:
-  """"q,v" -> ("q", "v"); an unknown projection name raises ValueError naming the field."""
+def targets_of(family: str) -> tuple[str, ...]:
+  """The projections a decoder family can adapt: attention, then its MLP's."""
+  return ATTENTION_TARGETS + MLP_TARGETS[family]
+
+
+def parse_targets(spec: str | tuple[str, ...], family: str | None = None
+                  ) -> tuple[str, ...]:
+  """"q,v" -> ("q", "v"); a name that is no projection (of `family`'s decoder, when given)
+  raises ValueError naming the field."""
   names = tuple(config_lib.as_list(spec))
-  bad = [t for t in names if t not in TARGETS]
+  allowed = TARGETS if family is None else targets_of(family)
+  bad = [t for t in names if t not in allowed]
   if bad:
-    raise ValueError(f"--config.llm.lora_targets={spec!r}: unknown projection(s) {bad} "
-                     f"(choose from {', '.join(TARGETS)})")
+    of = "" if family is None else f" of a {family} decoder"
+    shown = spec if isinstance(spec, str) else ",".join(names)
+    raise ValueError(f"--config.llm.lora_targets={shown!r}: unknown projection(s) {bad}{of} "
+                     f"(choose from {', '.join(allowed)})")
   return names
 
 

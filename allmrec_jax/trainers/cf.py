@@ -9,6 +9,8 @@ jitted step per batch (`train_step`, state donated); an epoch's batches run in o
 Batches come from `allmrec_jax.data.pipelines.cf_train_dataset` (grain MapDataset; batch
 g depends only on (seed, epoch, step-in-epoch)), dropout keys from fold_in(seed, step):
 a run resumed from a checkpoint repeats exactly what the uninterrupted run did.
+Across processes every process builds the whole global batches and runs the epoch (and the
+evaluation, over every user) replicated, so the processes train as one process does.
 Every `eval_every` epochs: validation under the three protocols, metrics to
 `<workdir>/cf/metrics.jsonl` + TensorBoard (`<workdir>/cf/tb`), a checkpoint (latest and
 best by `select_metric`), early stopping after `patience` evaluations without improvement.
@@ -373,9 +375,13 @@ def train_and_evaluate(config, workdir, dataset=None, *, stop_after_epoch: int |
   mngr = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2,
                                     best_metric=cfc.select_metric)
   num_epochs = int(cfc.num_epochs)
+  # Every process builds the whole global batches and runs the epoch replicated: numpy
+  # inputs of a jitted function are taken to be the same in every process, so a
+  # per-process slice here would train each process on its own rows, apart.
   pipe = pipelines.cf_train_dataset(dataset, batch_size=int(cfc.batch_size), maxlen=maxlen,
                                     seed=seed, num_epochs=num_epochs + 1,
-                                    drop_remainder=bool(cfc.drop_remainder))
+                                    drop_remainder=bool(cfc.drop_remainder),
+                                    process_index=0, process_count=1)
   spe = pipelines.steps_per_epoch(dataset, int(cfc.batch_size),
                                   drop_remainder=bool(cfc.drop_remainder))
   keys = ("seq", "pos", "neg", "mask")

@@ -11,6 +11,13 @@ fixed seeded order. Two LLM protocols:
   log-prob) gives the same metrics with the suffix `_lnorm`;
 - generation (the paper's): greedy decoding; `gen_hit@1` = the normalised target title
   occurs in the normalised generated text.
+
+With several processes (and the evaluator given the run's mesh) each LLM step runs one
+global batch: every process builds the prompts of the whole group of users (one prompt
+width), places its own rows (`sharding.put_batch(process_local=True)`), and the scores /
+generated ids are gathered (`process_allgather`), so that each user is scored once and every
+process holds every result. The CF scores (`cf_scores`) stay replicated: every process
+scores every user (a small model).
 """
 
 from __future__ import annotations
@@ -20,13 +27,16 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from allmrec_jax import common_types as ct
 from allmrec_jax import generate as generate_lib
 from allmrec_jax import metrics as metrics_lib
 from allmrec_jax import scoring as scoring_lib
+from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import prompts as prompts_lib
 from allmrec_jax.data import sampling
@@ -92,7 +102,8 @@ def eval_set(users: np.ndarray, seq: np.ndarray, history: np.ndarray,
 
 
 def cf_scores(cf_model, cf_params, es: EvalSet, batch: int = 1024) -> np.ndarray:
-  """float[B, C] the CF backbone's scores of the candidates (candidate order)."""
+  """float[B, C] the CF backbone's scores of the candidates (candidate order); not split
+  over processes (each process scores every user)."""
   return np.concatenate([np.asarray(cf_score(cf_model, cf_params, es.seq[i:i + batch],
                                                es.candidates[i:i + batch]))
                          for i in range(0, len(es.users), batch)], 0)
@@ -129,6 +140,8 @@ class LLMEvaluator:
     titles: item titles (for the generation match).
     projectors, item_table: the soft-prompt parts (None for LLM-Only).
     soft: A-LLMRec prompt with soft tokens (False: the plain text prompt of LLM-Only).
+    mesh: the run's mesh; with several processes, each step's users are split over its data
+      axes (`process_rows`). None: every process scores every user.
 
   The params of a call: {"params": projectors} (+ {"lora": adapters}) of a soft model,
   {"lora": adapters} of TALLRec, None for LLM-Only.
@@ -137,8 +150,10 @@ class LLMEvaluator:
   def __init__(self, *, llm, llm_params, tokenizer, builder: prompts_lib.PromptBuilder,
                titles, projectors=None, item_table=None, soft=True,
                use_user=True, use_items=True, batch_size=8, max_new_tokens=64,
-               repetition_penalty=1.5, eos_ids=None):
+               repetition_penalty=1.5, eos_ids=None, mesh=None):
     self.llm, self.llm_params, self.tokenizer = llm, llm_params, tokenizer
+    self.mesh = mesh
+    self._step, self._rows = process_rows(mesh, batch_size)
     self.builder, self.titles, self.soft = builder, titles, soft
     self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
     self.repetition_penalty = repetition_penalty
@@ -177,6 +192,7 @@ class LLMEvaluator:
 
   def _batch(self, es: EvalSet, user_rep: np.ndarray | None, task: str,
              permute_items_seed: int | None = None, min_prompt_len: int = 0) -> dict:
+    """Host arrays of `es`'s `task` prompts (one width for all its rows)."""
     cands = es.prompt_candidates if task == "recommend" else None
     pb = self.builder.build(es.history, cands, None, soft=self.soft, padding="left",
                             task=task, min_len=min_prompt_len).arrays()
@@ -184,15 +200,37 @@ class LLMEvaluator:
                       else user_rep.astype(np.float32))
     if permute_items_seed is not None:
       pb["item_ids"] = permute_slots(pb["item_ids"], permute_items_seed, es.users)
-    return {k: jnp.asarray(v) for k, v in pb.items()}
+    return pb
 
-  def _pad(self, es: EvalSet, user_rep):
-    """Pads the last batch by repeating row 0 (static shapes); returns the real count."""
-    n = len(es.users)
-    if n == self.batch_size:
-      return es, user_rep, n
-    idx = np.concatenate([np.arange(n), np.zeros(self.batch_size - n, np.int64)])
-    return es.take(idx), (None if user_rep is None else user_rep[idx]), n
+  def _inputs(self, sub: EvalSet, arrays: dict) -> dict:
+    """Host arrays of the step's users `sub` -> the jitted functions' inputs: all rows on
+    the default device (one process), or this process's rows of the global batch. (`sub`
+    names the users of the rows, for a caller that records which ones a process runs.)"""
+    if self._rows is None:
+      return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return sharding.put_batch(self.mesh, {k: v[self._rows] for k, v in arrays.items()},
+                              process_local=True)
+
+  def _fetch(self, tree):
+    """Device outputs -> numpy arrays of all the step's rows (gathered from the processes
+    when they are split)."""
+    if self._rows is None:
+      return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        tree)
+
+  def _steps(self, es: EvalSet, user_rep: np.ndarray | None, desc: str):
+    """Yields (users, x_u, real count) of each step, padded to the step's size by repeating
+    row 0 (static shapes)."""
+    size = self._step
+    for i in tqdm.trange(0, len(es.users), size, desc=desc, leave=False):
+      sub = es.take(slice(i, i + size))
+      rep = None if user_rep is None else user_rep[i:i + size]
+      n = len(sub.users)
+      if n < size:
+        idx = np.concatenate([np.arange(n), np.zeros(size - n, np.int64)])
+        sub, rep = sub.take(idx), (None if rep is None else rep[idx])
+      yield sub, rep, n
 
   def evaluate(self, params, es: EvalSet, user_rep: np.ndarray | None, *,
                rank: bool = True, generate: bool = True, desc: str = "eval",
@@ -206,27 +244,26 @@ class LLMEvaluator:
     tokens and the packed candidate answers to at least `min_packed_len`, so that a caller
     whose inputs vary (recommend) runs one compiled program."""
     sums, means, texts = [], [], []
-    bs = self.batch_size
-    for i in tqdm.trange(0, len(es.users), bs, desc=desc, leave=False):
-      sub, rep, n = self._pad(es.take(slice(i, i + bs)),
-                              None if user_rep is None else user_rep[i:i + bs])
-      batch = self._batch(sub, rep, "recommend", permute_items_seed, min_prompt_len)
+    for sub, rep, n in self._steps(es, user_rep, desc):
+      arrays = self._batch(sub, rep, "recommend", permute_items_seed, min_prompt_len)
       if rank:
         cont_ids, cont_mask = self.builder.continuations(sub.prompt_candidates,
                                                             soft=self.soft)
-        args = (params, self.llm_params, self.item_table, batch,
-                jnp.asarray(cont_ids), jnp.asarray(cont_mask))
         packed = self.packed_len(cont_mask, min_packed_len)
+        batch = self._inputs(sub, {**arrays, "cont_ids": cont_ids, "cont_mask": cont_mask})
+        cont = batch.pop("cont_ids"), batch.pop("cont_mask")
+        args = (params, self.llm_params, self.item_table, batch, *cont)
         if generate:   # one prompt prefill serves both protocols
-          s, cnt, out = self._rank_generate(*args, *self._gen_options, packed_len=packed)
+          s, cnt, out = self._fetch(self._rank_generate(*args, *self._gen_options,
+                                                        packed_len=packed))
           texts.extend(self._decode(out)[:n])
         else:
-          s, cnt = self._score(*args, packed_len=packed)
-        s, cnt = np.asarray(s)[:n], np.asarray(cnt)[:n]
+          s, cnt = self._fetch(self._score(*args, packed_len=packed))
+        s, cnt = s[:n], cnt[:n]
         sums.append(sub.take(slice(0, n)).unpermute(s))
         means.append(sub.take(slice(0, n)).unpermute(s / np.maximum(cnt, 1)))
       elif generate:
-        texts.extend(self._generate(params, batch)[:n])
+        texts.extend(self._generate(params, self._inputs(sub, arrays))[:n])
     out: dict[str, Any] = {"texts": texts}
     if rank:
       out["scores"] = np.concatenate(sums, 0)
@@ -252,7 +289,7 @@ class LLMEvaluator:
         attention_mask=batch["attention_mask"], max_new_tokens=self.max_new_tokens,
         eos_id=self.eos_ids, pad_id=int(self.tokenizer.pad_token_id),
         repetition_penalty=self.repetition_penalty)
-    return self._decode(out)
+    return self._decode(self._fetch(out))
 
   def _decode(self, out: generate_lib.GenerateOutput) -> list[str]:
     toks = np.asarray(out.tokens)
@@ -265,12 +302,31 @@ class LLMEvaluator:
                      min_prompt_len: int = 0) -> list[str]:
     """Model `params`' greedy answers to `task` prompts of `es`'s users."""
     texts = []
-    for i in tqdm.trange(0, len(es.users), self.batch_size, desc=desc, leave=False):
-      sub, rep, n = self._pad(es.take(slice(i, i + self.batch_size)),
-                              None if user_rep is None else user_rep[i:i + self.batch_size])
-      batch = self._batch(sub, rep, task, min_prompt_len=min_prompt_len)
-      texts.extend(self._generate(params, batch)[:n])
+    for sub, rep, n in self._steps(es, user_rep, desc):
+      arrays = self._batch(sub, rep, task, min_prompt_len=min_prompt_len)
+      texts.extend(self._generate(params, self._inputs(sub, arrays))[:n])
     return texts
+
+
+def process_rows(mesh, batch_size: int) -> tuple[int, np.ndarray | None]:
+  """(users per evaluation step, the rows of each step's batch this process places).
+
+  One process, no mesh, or a mesh whose data axes do not split the rows over the processes
+  (e.g. tensor parallelism across hosts): (batch_size, None), every process runs every
+  user. Else a step runs P x batch_size users (rounded up to a multiple of the mesh's data
+  shards) as one global batch laid out by `sharding.batch_sharding`; the rows are those of
+  this process's devices, in the order `put_batch(process_local=True)` places them."""
+  pc = jax.process_count()
+  if mesh is None or pc == 1:
+    return batch_size, None
+  shards = mesh.shape[ct.DATA] * mesh.shape[ct.FSDP]
+  step = -(-batch_size * pc // shards) * shards
+  index = sharding.batch_sharding(mesh).addressable_devices_indices_map((step,))
+  spans = sorted({idx[0].indices(step)[:2] for idx in index.values()})
+  rows = np.concatenate([np.arange(a, b) for a, b in spans])
+  if len(rows) * pc != step:
+    return batch_size, None
+  return step, rows
 
 
 def permute_slots(item_ids: np.ndarray, seed: int, users: np.ndarray) -> np.ndarray:

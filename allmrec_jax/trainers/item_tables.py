@@ -5,22 +5,16 @@
   cf     = E                          the CF item embeddings (MLP-LLM)
   random = a fixed seeded uniform table (the random-joint-embedding ablation)
 
-`item_tables` computes them for a run folder; `save_item_tables` / `load_item_tables`
-carry them as an `.npz` to a machine without the stage-1 checkpoint.
+`item_tables` computes them for a run folder.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
 
-from allmrec_jax.data import prepare
-from allmrec_jax.trainers import cf as cf_lib
 from allmrec_jax.trainers import stage1 as stage1_lib
-
-ITEM_TABLE_KEYS = ("cf", "joint", "text")
 
 
 def standardize_items(table: np.ndarray) -> np.ndarray:
@@ -72,42 +66,3 @@ def text_item_table(s1, config, ds) -> np.ndarray:
   ids, mask = stage1_lib.item_text_table(ds, s1.tokenizer, config.sbert.max_len)
   return np.asarray(stage1_lib.joint_item_embeddings(
       s1.models, s1.params, source="text", text_ids=ids, text_mask=mask), np.float32)
-
-
-def save_item_tables(config, workdir, path, keys=ITEM_TABLE_KEYS) -> dict[str, np.ndarray]:
-  """Writes `keys` of the item tables (`item_tables`) of a run folder whose cf and stage1
-  are finished to `path` (.npz, no pickle), so that a machine without the stage-1
-  checkpoint (or SBERT) can train stage 2 from them; returns them."""
-  workdir = pathlib.Path(workdir).expanduser()
-  ds = prepare.prepare_dataset(config.data)
-  cf_model, cf_params = cf_lib.load_trained_cf(config, workdir, ds)
-  tables = item_tables(config, workdir, ds, cf_model, {"params": cf_params})
-  tables = {k: tables[k] for k in keys}
-  np.savez(path, **tables)
-  return tables
-
-
-def load_item_tables(path, num_rows: int | None, keys=ITEM_TABLE_KEYS,
-                     flag: str = "tables") -> dict[str, np.ndarray]:
-  """The float32 item tables `keys` of a `save_item_tables` file, each checked to be 2-D
-  with `num_rows` rows (the dataset's items + padding; None: any); a missing array or a
-  wrong shape is a one-line error naming `--flag=path`."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--{flag}={path}: no such file")
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in keys if k not in f]
-    if missing:
-      raise ValueError(f"--{flag}={path}: missing arrays {missing} (has {sorted(f)})")
-    tables = {k: np.asarray(f[k], np.float32) for k in keys}
-  check_item_tables(tables, num_rows, f"--{flag}={path}")
-  return tables
-
-
-def check_item_tables(tables: dict[str, np.ndarray], num_rows: int | None,
-                      source: str) -> None:
-  """Each table 2-D with `num_rows` rows (None: any); else a one-line error naming
-  `source`."""
-  for k, t in tables.items():
-    if t.ndim != 2 or num_rows not in (None, t.shape[0]):
-      raise ValueError(f"{source}: {k!r} has shape {t.shape}, expected "
-                       f"[{num_rows} rows, dim] (this dataset's items + padding)")

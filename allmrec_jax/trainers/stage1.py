@@ -17,7 +17,8 @@ SBERT is fine-tuned, stored in text_stats.json for stage 2).
 Only the trainable tree {item_ae, text_ae, sbert (unless freeze_sbert)} has gradients and
 optimizer state; the CF parameters are a separate frozen argument. Item texts are
 tokenised once into a padded id table; with `freeze_sbert` the SBERT embeddings of all
-items are computed once instead.
+items are computed once instead. Data parallel: every process builds the whole global batch
+and places its rows of it on its devices; process 0 writes the metrics and stats files.
 
 Outputs under `<workdir>/stage1/`: metrics.jsonl (per step), tb/ (TensorBoard), ckpt/
 (orbax: trainable params, optimizer state, step, data-iterator state), metrics.json
@@ -53,6 +54,7 @@ from allmrec_jax.weights import sbert as sbert_lib
 
 # Re-exported: stage 1's item-text and alignment-metric parts live in their own modules.
 from allmrec_jax.trainers.stage1_text import (  # noqa: F401
+    TEXT_STATS_FILE,
     WORD_PATH,
     CompactVocab,
     compact_vocab,
@@ -64,6 +66,7 @@ from allmrec_jax.trainers.stage1_text import (  # noqa: F401
     packing_rows,
     standardize_text,
     text_stats,
+    text_stats_for,
     sbert_embed_all,
     to_compact,
     with_path,
@@ -333,24 +336,6 @@ def _load_sbert(config):
                               matmul_dtype=config.sbert.matmul_dtype or "")
 
 
-TEXT_STATS_FILE = "text_stats.json"
-
-
-def _text_stats_for(cfg: Stage1Config, sdir: pathlib.Path, sb, text_ids, text_mask,
-                    text_table=None) -> dict[str, Array] | None:
-  """The `text_stats` of the pretrained SBERT (None unless cfg.text_standardize), written to
-  `<stage1>/text_stats.json` for `load_trained_stage1`."""
-  if not cfg.text_standardize:
-    return None
-  if text_table is None:
-    text_table = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
-                                 cfg.eval_batch_size)
-  stats = text_stats(text_table)
-  (sdir / TEXT_STATS_FILE).write_text(json.dumps(
-      {k: np.asarray(v, np.float64).tolist() for k, v in stats.items()}))
-  return stats
-
-
 def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_model,
                        cf_params) -> dict[str, float]:
   """Trains stage 1 (resuming from `<workdir>/stage1/ckpt`), writes and returns metrics.
@@ -368,9 +353,11 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   models = make_models(int(item_table.shape[-1]), sb.module, cfg.latent_dim)
   text_ids, text_mask = item_text_table(dataset, sb.tokenizer, cfg.text_max_len)
 
+  # Every process builds the whole global batch (packed texts index all its 2B texts) and
+  # `put_batch(process_local=False)` below keeps this process's rows of it.
   data = pipelines.stage1_dataset(dataset, batch_size=cfg.batch_size, maxlen=cfg.maxlen,
                                   seed=cfg.seed, num_epochs=cfg.num_epochs,
-                                  drop_remainder=False)
+                                  drop_remainder=False, process_index=0, process_count=1)
   if cfg.pack_texts and not cfg.freeze_sbert:
     rows = packing_rows(text_mask, cfg.batch_size)
     data = data.map(functools.partial(pack_batch_texts, text_ids=text_ids,
@@ -404,7 +391,7 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
   else:
     frozen["text_ids"] = jnp.asarray(text_ids)
     frozen["text_mask"] = jnp.asarray(text_mask)
-  stats = _text_stats_for(cfg, sdir, sb, text_ids, text_mask, pretrained_table)
+  stats = text_stats_for(cfg, sdir, sb, text_ids, text_mask, pretrained_table)
   if stats is not None:
     frozen["text_stats"] = stats
 
@@ -446,16 +433,20 @@ def train_and_evaluate(config, workdir, dataset: dataset_lib.RecDataset, cf_mode
           if k in lines[-1]:
             results[f"final/{k}"] = lines[-1][k]
             results[f"first/{k}"] = lines[0][k]
-    metrics_file.write_text(json.dumps(results, indent=2, default=_json_default))
+    text = json.dumps(results, indent=2, default=_json_default)
+    if jax.process_index() == 0:     # one writer; every process returns what it computed
+      metrics_file.write_text(text)
     logging.info("stage1: %s", results)
+    final.update(json.loads(text))
     return {"steps": total_steps}
 
+  final: dict[str, Any] = {}          # the metrics, as metrics.json holds them
   loop_lib.run(sdir, name="stage1", state=state, step_fn=step_fn,
                data=pipelines.make_iterator(data), total=total_steps,
                ckpt_every=cfg.checkpoint_every if cfg.checkpoint_every > 0 else spe,
                manager=manager, log_every=cfg.log_every, rate_name="train/users_per_s",
                count_fn=lambda batch: batch["mask"].sum(), finalize=finalize)
-  return json.loads(metrics_file.read_text())
+  return final
 
 
 class Stage1Result(NamedTuple):

@@ -1,11 +1,14 @@
 """Stage 1's item texts: the tokenised item-text table, packing several short texts per
-SBERT row, SBERT over every item, and Adam over the word-embedding rows the texts use."""
+SBERT row, SBERT over every item, the statistics that standardise its outputs, and Adam
+over the word-embedding rows the texts use."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import pathlib
 from typing import Any, NamedTuple
 
 import jax
@@ -175,6 +178,28 @@ def standardize_text(q: Array, stats: dict[str, Array] | None) -> Array:
   if stats is None:
     return q
   return ((q.astype(jnp.float32) - stats["mean"]) / stats["scale"]).astype(q.dtype)
+
+
+TEXT_STATS_FILE = "text_stats.json"
+
+
+def text_stats_for(cfg, sdir: pathlib.Path, sb, text_ids: np.ndarray, text_mask: np.ndarray,
+                   text_table: Array | None = None) -> dict[str, Array] | None:
+  """The `text_stats` of the pretrained SBERT `sb` (None unless cfg.text_standardize),
+  written to `<stage1>/text_stats.json` (by process 0) for `load_trained_stage1`.
+
+  cfg: the stage's Stage1Config; text_table: SBERT of every item when already computed.
+  """
+  if not cfg.text_standardize:
+    return None
+  if text_table is None:
+    text_table = sbert_embed_all(sb.module, sb.params, text_ids, text_mask,
+                                 cfg.eval_batch_size)
+  stats = text_stats(text_table)
+  if jax.process_index() == 0:
+    (sdir / TEXT_STATS_FILE).write_text(json.dumps(
+        {k: np.asarray(v, np.float64).tolist() for k, v in stats.items()}))
+  return stats
 
 
 # ----------------------------------------------------------------------------- step

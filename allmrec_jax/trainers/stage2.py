@@ -7,6 +7,9 @@ representations x_u are computed once per example (`user_representations`).
 
 Loss: causal-LM cross-entropy on the target title tokens and EOS only; the LM head is
 applied only at those positions (B x Tt rows instead of B x L).
+
+Options beyond the paper's recipe (a learning-rate schedule, gradient accumulation, LLaRA's
+curriculum, CoLLM's two-step order) live in `stage2_options.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from absl import logging
 import flax.linen as nn
@@ -36,6 +39,7 @@ from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models import projectors as projectors_lib
 from allmrec_jax.models import soft_prompt
 from allmrec_jax.trainers import loop as loop_lib
+from allmrec_jax.trainers import stage2_options as options_lib
 from allmrec_jax.trainers import steps as steps_lib
 from allmrec_jax.trainers import variants as variants_lib
 
@@ -117,20 +121,21 @@ def user_match_loss(proj_params: PyTree, item_table: jax.Array, batch: dict[str,
   return jnp.mean(optax.softmax_cross_entropy(logits, labels))
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  return optax.adam(cfg.lr, b1=cfg.b1, b2=cfg.b2)
+make_optimizer = options_lib.make_optimizer    # (cfg, steps) -> Adam; lr, schedule, grad_accum
 
 
 def train_step(state: dict, frozen: dict, batch: dict[str, jax.Array], rng: jax.Array, *,
                llm, projectors, optimizer, use_user, use_items, match_weight: float = 0.0,
-               match_temperature: float = 0.1, match_negatives: str = "prompt"
-               ) -> tuple[dict, dict]:
+               match_temperature: float = 0.1, match_negatives: str = "prompt",
+               groups: tuple[str, ...] | None = None) -> tuple[dict, dict]:
   """One Adam step on the projectors (and LoRA adapters), in the shape of every stage's
   step (trainers/steps.py): state = {"params", "opt_state", "step"}, frozen = {"llm": the
   LLM's variables, "items": the item table fed to F_I}; `rng` is unused (no dropout).
 
   The objective is the LM loss (reported as train/loss), plus match_weight x
-  `user_match_loss` when match_weight > 0 (reported as train/match_loss)."""
+  `user_match_loss` when match_weight > 0 (reported as train/match_loss). `groups`: train
+  only these top-level keys of the tree, each with its own optimizer (`optimizer` and
+  opt_state are then dicts by group; `stage2_options.group_update`)."""
   del rng
   llm_params, item_table = frozen["llm"], frozen["items"]
 
@@ -145,9 +150,13 @@ def train_step(state: dict, frozen: dict, batch: dict[str, jax.Array], rng: jax.
       total = loss + match_weight * aux["match"]
     return total, (loss, aux)
 
-  (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  if groups is None:
+    (_, (loss, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+  else:
+    (loss, aux), grads, params, opt_state = options_lib.group_update(
+        objective, state["params"], state["opt_state"], optimizer, groups)
   metrics = {"train/loss": loss, "train/tokens": aux["tokens"],
              "train/grad_norm": optax.global_norm(grads)}
   if "match" in aux:
@@ -237,29 +246,31 @@ def user_representations(cf_model, cf_params, seq: np.ndarray, batch: int = 1024
 def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.PromptBuilder,
                     ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex, *,
                     batch_size: int, num_candidates: int, seed: int, epoch: int,
-                    start_batch: int = 0, soft: bool = True,
+                    start_batch: int = 0, soft: bool | Callable[[int], bool] = True,
                     shard: tuple[int, int] = (0, 1), match_batch: int = 0
                     ) -> Iterator[tuple[int, dict]]:
   """Yields (batch index, arrays) of one epoch, from `start_batch` (resume).
 
+  `soft`: soft-token prompts, or a function batch index -> bool (a curriculum's choice).
   The last incomplete batch is dropped (static shapes). `shard` = (process index, count):
-  each host builds its slice of every global batch. `match_batch` > 0 adds that many extra
-  training examples for the match term (`match_user_rep`, `match_target`), drawn by a hash
+  each host builds the global batch (one prompt width) and keeps its rows. `match_batch` >
+  0 adds that many match-term examples (`match_user_rep`, `match_target`), drawn by a hash
   of (seed, epoch, batch index), so a resumed epoch draws the same ones.
   """
   order = epoch_order(len(ex.users), seed, epoch)
   n_batches = len(order) // batch_size
   pi, pc = shard
-  per_host = batch_size // pc
+  rows = slice(pi * (batch_size // pc), (pi + 1) * (batch_size // pc))
   for j in range(start_batch, n_batches):
-    sel = order[j * batch_size + pi * per_host: j * batch_size + (pi + 1) * per_host]
+    sel = order[j * batch_size:(j + 1) * batch_size]
     cands = sample_candidates(ds, index, ex.users[sel], ex.targets[sel], sel,
                               num_candidates, seed, epoch)
-    pb = builder.build(ex.history[sel], cands, ex.targets[sel], soft=soft, padding="right")
-    arrays = pb.arrays()
-    arrays["user_rep"] = user_rep[sel].astype(np.float32)
-    arrays["cand_items"] = cands.astype(np.int32)
-    arrays["target_item"] = ex.targets[sel].astype(np.int32)
+    pb = builder.build(ex.history[sel], cands, ex.targets[sel],
+                       soft=soft(j) if callable(soft) else soft, padding="right")
+    arrays = {k: v[rows] for k, v in pb.arrays().items()}
+    arrays["user_rep"] = user_rep[sel[rows]].astype(np.float32)
+    arrays["cand_items"] = cands[rows].astype(np.int32)
+    arrays["target_item"] = ex.targets[sel[rows]].astype(np.int32)
     if match_batch:
       keys = sampling.hash_u64(29, seed, epoch, j * len(ex.users) + np.arange(len(ex.users)))
       extra = np.argsort(keys, kind="stable")[:match_batch]
@@ -306,7 +317,8 @@ class Stage2Trainer:
                                       use_items=use_items, match_weight=float(match_weight),
                                       match_temperature=float(match_temperature),
                                       match_negatives=str(match_negatives))
-    self._step = None                       # compiled at the first step (steps.compile_step)
+    self._step = None                       # the step last run (steps.compile_step), of
+    self._steps = {}                        #   one compiled per StepMode (None: the default)
     self.frozen = {"llm": llm_params, "items": self.item_table}
     self._rng = jax.random.PRNGKey(0)
     self.compiled_shapes: set[tuple] = set()
@@ -325,7 +337,7 @@ class Stage2Trainer:
     # Moments laid out like their parameters; the rest (Adam's count) replicated.
     opt_state = jax.tree.map(
         lambda x: x if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)
-        else jax.device_put(x, rep), self.optimizer.init(params))
+        else jax.device_put(x, rep), options_lib.init_opt_state(self.optimizer, params))
     return steps_lib.new_state(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), rep))
 
   def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -343,12 +355,16 @@ class Stage2Trainer:
                       shards)
     return out
 
-  def step(self, state: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  def step(self, state: dict, arrays: dict[str, np.ndarray],
+           mode: options_lib.StepMode | None = None) -> tuple[dict, dict]:
     self.compiled_shapes.add(arrays["input_ids"].shape)
     batch = self.put_batch(arrays)
     with sharding.activate(self.mesh, self.rules):
-      if self._step is None:
-        self._step = steps_lib.compile_step(self._step_fn, state, self.frozen)
+      if mode not in self._steps:
+        fn = self._step_fn if mode is None else functools.partial(self._step_fn,
+                                                                  **mode.step_kwargs())
+        self._steps[mode] = steps_lib.compile_step(fn, state, self.frozen)
+      self._step = self._steps[mode]
       return self._step(state, self.frozen, batch, self._rng)
 
 
@@ -417,6 +433,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
   """
   from allmrec_jax import checkpointing  # pylint: disable=import-outside-toplevel
   cfg = config_lib.Stage2Config.from_config(config)
+  options_lib.validate_options(cfg)
   name = variant.folder
   soft, use_user, use_items = variant.soft, variant.use_user, variant.use_items
   out_dir = pathlib.Path(workdir) / name
@@ -425,12 +442,20 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
                          positions_per_user=cfg.positions_per_user, users=users)
   user_rep = user_rep_fn(ex.seq)
   index = pipelines.train_exclusion_index(ds)
+  n_batches = len(ex.users) // cfg.batch_size
+  if n_batches == 0:
+    raise ValueError(f"stage2: {len(ex.users)} training examples < batch size "
+                     f"{cfg.batch_size} (config.stage2.batch_size)")
+  max_steps = cfg.num_epochs * n_batches
+  if cfg.max_steps > 0:
+    max_steps = min(max_steps, cfg.max_steps)
+  plan = options_lib.StepPlan.from_config(cfg, total=max_steps, seed=config.seed, soft=soft)
   llm_dim = llm.config.embed_dim     # the width of the input embeddings
   projectors = projectors_lib.Stage2Projectors(item_table.shape[1], user_rep.shape[1], llm_dim)
   trainer = Stage2Trainer(llm=llm, llm_params=llm_params, projectors=projectors,
-                          item_table=item_table, optimizer=make_optimizer(cfg), mesh=mesh,
-                          rules=rules, use_user=use_user, use_items=use_items,
-                          **match_options(cfg, use_user and use_items))
+                          item_table=item_table, optimizer=options_lib.make_optimizers(
+                              cfg, plan), mesh=mesh, rules=rules, use_user=use_user,
+                          use_items=use_items, **match_options(cfg, use_user and use_items))
   if soft:
     trainable = init_projectors(projectors, jax.random.PRNGKey(config.seed),
                                 item_table.shape[1], user_rep.shape[1])
@@ -442,38 +467,32 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
                                                    config.seed), 1))
   state = trainer.init_state(trainable)
   manager = checkpointing.make_manager(out_dir / "ckpt", max_to_keep=2)
-  n_batches = len(ex.users) // cfg.batch_size
-  if n_batches == 0:
-    raise ValueError(f"stage2: {len(ex.users)} training examples < batch size "
-                     f"{cfg.batch_size} (config.stage2.batch_size)")
-  max_steps = cfg.num_epochs * n_batches
-  if cfg.max_steps > 0:
-    max_steps = min(max_steps, cfg.max_steps)
   done = loop_lib.finished(out_dir)
   if restore_only and (done is None or int(done.get("steps", -1)) < max_steps):
     raise ValueError(f"stage2: {out_dir} is not a finished run of {max_steps} steps for "
                      "this config (pass the run's own --config.* overrides)")
   shard = (jax.process_index(), jax.process_count())
 
-  def epoch_batches(epoch: int, start: int):
-    for _, arrays in iterate_batches(ex, user_rep, builder, ds, index,
-                                     batch_size=cfg.batch_size,
-                                     num_candidates=cfg.num_candidates, seed=config.seed,
-                                     epoch=epoch, start_batch=start, shard=shard, soft=soft,
-                                     match_batch=match_batch(cfg, use_user and use_items)):
-      yield arrays
+  def epoch_batches(epoch: int, start: int):    # (the step's mode, its arrays)
+    first = epoch * n_batches
+    for j, arrays in iterate_batches(
+        ex, user_rep, builder, ds, index, batch_size=cfg.batch_size,
+        num_candidates=cfg.num_candidates, seed=config.seed, epoch=epoch, start_batch=start,
+        shard=shard, soft=lambda j: bool(plan.hybrid(first + j)),
+        match_batch=match_batch(cfg, use_user and use_items)):
+      yield plan.mode(first + j), arrays
 
   def plot(_):
     if jax.process_index() == 0:
       plot_learning_curve(out_dir / "metrics.jsonl", out_dir / "learning_curve.png", name)
 
   result = loop_lib.run(
-      out_dir, name=name, state=state, step_fn=trainer.step,
+      out_dir, name=name, state=state, step_fn=lambda st, b: trainer.step(st, b[1], b[0]),
       data=loop_lib.EpochBatches(epoch_batches, n_batches), total=max_steps,
       ckpt_every=cfg.ckpt_every, manager=manager, log_every=cfg.log_every,
       evaluate=None if eval_fn is None else lambda params, _: eval_fn(params),
       eval_every=int(cfg.eval_every), eval_at_start=True, on_eval=plot,
-      count_fn=lambda arrays: arrays["attention_mask"].sum(),
+      count_fn=lambda b: b[1]["attention_mask"].sum(),
       rate_name="train/nonpad_tokens_per_s", finalize=lambda _: {"steps": max_steps})
   state = result.state
   logging.info("%s: %d steps; compiled shapes %s", name, result.iteration,

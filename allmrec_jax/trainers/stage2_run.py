@@ -130,7 +130,7 @@ class Stage2Run:
               tokenizer=self.loaded.tokenizer, builder=self.builder, titles=self.ds.titles,
               batch_size=self.ecfg.batch_size if batch_size is None else batch_size,
               max_new_tokens=self.ecfg.max_new_tokens,
-              repetition_penalty=self.ecfg.repetition_penalty)
+              repetition_penalty=self.ecfg.repetition_penalty, mesh=self.mesh)
     if variant.text_only:
       return eval_lib.LLMEvaluator(soft=False, **kw)
     return eval_lib.LLMEvaluator(projectors=self.projectors_for(table), item_table=table,

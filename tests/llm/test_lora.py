@@ -15,6 +15,7 @@ from allmrec_jax import sharding as shd
 from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models.llm import LlamaConfig, LlamaDecoder, OPTConfig, OPTDecoder
 from allmrec_jax.trainers import stage2
+from configs import base
 
 RANK, ALPHA = 4, 8.0
 
@@ -44,23 +45,27 @@ def _randomise(lora, seed):
 def _merged(params, lora, scale):
   """The plain decoder's params with each adapted kernel W + scale * A B."""
   out = jax.tree.map(lambda x: x, params)
-  for layer, mods in lora.items():
-    for proj, ab in mods["attn"].items():
-      k = out["params"][layer]["attn"][proj]["kernel"]
-      a, b = ab["a"], ab["b"]
-      nc = a.ndim - 1
-      delta = (a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)).reshape(
-          a.shape[:nc] + b.shape[1:])
-      out["params"][layer]["attn"][proj]["kernel"] = k + scale * delta
+  for layer, blocks in lora.items():
+    for block, mods in blocks.items():          # "attn" and / or "mlp"
+      for proj, ab in mods.items():
+        k = out["params"][layer][block][proj]["kernel"]
+        a, b = ab["a"], ab["b"]
+        nc = a.ndim - 1
+        delta = (a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)).reshape(
+            a.shape[:nc] + b.shape[1:])
+        out["params"][layer][block][proj]["kernel"] = k + scale * delta
   return out
 
 
 @pytest.mark.parametrize("kind,targets", [("llama", ("q", "v")), ("llama", ("k", "o")),
-                                          ("opt", ("q", "v", "o"))])
+                                          ("opt", ("q", "v", "o")),
+                                          ("llama", ("gate", "up", "down")),
+                                          ("llama", ("q", "v", "down")),
+                                          ("opt", ("fc1", "fc2")), ("opt", ("k", "fc2"))])
 def test_adapter_is_the_merged_kernel(kind, targets):
   m, params = _decoder(kind, targets)
   lora = lora_lib.init_adapters(m, params, jax.random.PRNGKey(1))
-  names = {p for mods in lora.values() for p in mods["attn"]}
+  names = {p for blocks in lora.values() for mods in blocks.values() for p in mods}
   assert names == set(targets) and len(lora) == 2
   ids = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, 40)
   plain, _ = m.apply(params, input_ids=ids)
@@ -111,6 +116,17 @@ def test_frozen_decoder_without_targets_refuses_adapters():
   assert lora_lib.parse_targets(" q, v ") == ("q", "v")
 
 
+@pytest.mark.parametrize("kind,bad", [("llama", "fc1"), ("opt", "gate"), ("opt", "x")])
+def test_mlp_targets_of_another_family_are_refused(kind, bad):
+  """gate / up / down name the Llama family's MLP, fc1 / fc2 OPT's: a name the loaded
+  family does not have is a one-line error naming the field, not a silently frozen layer."""
+  assert lora_lib.parse_targets("q,gate,up,down,fc1,fc2") == (
+      "q", "gate", "up", "down", "fc1", "fc2")          # before loading: any family's names
+  want = rf"llm\.lora_targets='q,{bad}'.*\['{bad}'\] of a {kind} decoder"
+  with pytest.raises(ValueError, match=want):
+    _decoder(kind, ("q", bad))
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_adapters_sharded_like_their_kernels():
   m, params = _decoder("llama", ("q", "v"))
@@ -119,7 +135,7 @@ def test_adapters_sharded_like_their_kernels():
   trainer = stage2.Stage2Trainer(llm=m, llm_params=params, projectors=None,
                                  item_table=np.zeros((2, 2), np.float32),
                                  optimizer=stage2.make_optimizer(
-                                     type("C", (), {"lr": 1e-3, "b1": 0.9, "b2": 0.98})),
+                                     base.get_base_config().stage2),
                                  mesh=mesh)
   state = trainer.init_state({"params": {"w": np.ones((3,), np.float32)}, "lora": boxed})
   q = state["params"]["lora"]["layers_0"]["attn"]["q"]

@@ -27,6 +27,7 @@ from allmrec_jax.layers import rotary
 from allmrec_jax.layers.linears import DenseGeneral, Embed
 from allmrec_jax.layers.mlp import GatedMlp
 from allmrec_jax.layers.norms import RMSNorm
+from allmrec_jax.models import lora as lora_lib
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -65,11 +66,14 @@ class LlamaConfig:
   matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
                                       #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False                 # rematerialise each layer (stage-2 training)
-  lora_rank: int = 0                  # LoRA adapters on the attention projections in
-  lora_alpha: float = 16.0            #   lora_targets ("q", "k", "v", "o"), used only when
-  lora_targets: tuple[str, ...] = ()  #   a "lora" collection is passed (layers/linears.py)
+  lora_rank: int = 0                  # LoRA adapters on the projections in lora_targets
+  lora_alpha: float = 16.0            #   ("q", "k", "v", "o", "gate", "up", "down"), used only
+  lora_targets: tuple[str, ...] = ()  #   when a "lora" collection is passed (linears.py)
 
   family = "llama"
+
+  def __post_init__(self):
+    lora_lib.parse_targets(self.lora_targets, self.family)   # a projection of this family
 
   @classmethod
   def from_hf(cls, hf: Any, **overrides) -> LlamaConfig:
@@ -135,7 +139,9 @@ class LlamaBlock(nn.Module):
                                                                end)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x)
-    x = x + GatedMlp(c.intermediate_size, c.hidden_act, c.mlp_bias, name="mlp", **mm)(h)
+    x = x + GatedMlp(c.intermediate_size, c.hidden_act, c.mlp_bias, lora_rank=c.lora_rank,
+                     lora_alpha=c.lora_alpha, lora_targets=tuple(c.lora_targets), name="mlp",
+                     **mm)(h)
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
     return x, new_cache
 
@@ -183,11 +189,6 @@ class LlamaDecoder(nn.Module):
     """Runs T tokens; returns (float32[B, T, V] logits or None, {"hidden", "cache"}).
 
     `deterministic` is accepted for a uniform surface (the decoder has no dropout).
-
-    Inspection: applied with `mutable=["intermediates"]`, it also sows `residual`, a tuple
-    of num_layers + 1 float[B, T, E] (the residual stream at each layer's input, then after
-    the last layer, before the final norm), and each layer's `attn/attn_probs`
-    (layers/attention.py); the outputs are unchanged.
     """
     del deterministic
     c = self.config
@@ -202,10 +203,8 @@ class LlamaDecoder(nn.Module):
     end = None if cache is None else cache["end"]
     new_layers = []
     for i, layer in enumerate(self.layers):
-      self.sow("intermediates", "residual", x)   # no-op unless mutable
       x, lc = layer(x, mask, cos_sin, None if cache is None else cache["layers"][i], end)
       new_layers.append(lc)
-    self.sow("intermediates", "residual", x)
     x = self.final_norm(x)
     new_cache = None if cache is None else {"layers": tuple(new_layers), "end": end + t}
     logits = self.logits(x) if compute_logits else None

@@ -27,6 +27,7 @@ from allmrec_jax.layers import attention as attn_lib
 from allmrec_jax.layers.linears import DenseGeneral, Embed, default_kernel_init
 from allmrec_jax.layers.mlp import Mlp
 from allmrec_jax.layers.norms import LayerNorm
+from allmrec_jax.models import lora as lora_lib
 from allmrec_jax.models.llm.llama import _ids, init_cache
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -55,12 +56,15 @@ class OPTConfig:
   matmul_dtype: str = ""              # "" = dtype; "bfloat16" = dense/head matmul operands in
                                       #   bfloat16, float32 accumulation (linears.py)
   remat: bool = False
-  lora_rank: int = 0                  # LoRA adapters on the attention projections in
-  lora_alpha: float = 16.0            #   lora_targets ("q", "k", "v", "o"), used only when
-  lora_targets: tuple[str, ...] = ()  #   a "lora" collection is passed (layers/linears.py)
+  lora_rank: int = 0                  # LoRA adapters on the projections in lora_targets
+  lora_alpha: float = 16.0            #   ("q", "k", "v", "o", "fc1", "fc2"), used only when
+  lora_targets: tuple[str, ...] = ()  #   a "lora" collection is passed (linears.py)
 
   family = "opt"
   tie_word_embeddings = True
+
+  def __post_init__(self):
+    lora_lib.parse_targets(self.lora_targets, self.family)   # a projection of this family
 
   @classmethod
   def from_hf(cls, hf: Any, **overrides) -> OPTConfig:
@@ -122,7 +126,9 @@ class OPTBlock(nn.Module):
     if not pre:
       x = attn_norm(x)
     h = mlp_norm(x) if pre else x
-    x = x + Mlp(c.ffn_dim, c.activation_function, c.enable_bias, name="mlp", **mm)(h)
+    x = x + Mlp(c.ffn_dim, c.activation_function, c.enable_bias, lora_rank=c.lora_rank,
+                lora_alpha=c.lora_alpha, lora_targets=tuple(c.lora_targets), name="mlp",
+                **mm)(h)
     if not pre:
       x = mlp_norm(x)
     x = nn.with_logical_constraint(x, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_EMBED))
@@ -168,11 +174,6 @@ class OPTDecoder(nn.Module):
 
     positions are 0-based (the offset of 2 is added here); `deterministic` is accepted for a
     uniform surface (the frozen decoder runs without dropout).
-
-    Inspection: applied with `mutable=["intermediates"]`, it also sows `residual`, a tuple
-    of num_layers + 1 float[B, T, E] (the residual stream at each layer's input, then after
-    the last layer, before the final norm), and each layer's `attn/attn_probs`
-    (layers/attention.py); the outputs are unchanged.
     """
     del deterministic
     c = self.config
@@ -189,10 +190,8 @@ class OPTDecoder(nn.Module):
     end = None if cache is None else cache["end"]
     new_layers = []
     for i, layer in enumerate(self.layers):
-      self.sow("intermediates", "residual", x)   # no-op unless mutable
       x, lc = layer(x, mask, None, None if cache is None else cache["layers"][i], end)
       new_layers.append(lc)
-    self.sow("intermediates", "residual", x)
     if c.final_layer_norm:
       x = self.final_norm(x)
     new_cache = None if cache is None else {"layers": tuple(new_layers), "end": end + t}
