@@ -74,7 +74,7 @@ SLOW_TESTS = {
     "tests/stage2/test_tables.py::test_scenario_parts_tiny": 290,
     "tests/stage2/test_runner_e2e.py::test_all_stages_tiny": 225,
     "tests/stage2/test_llm_shapes_e2e.py": 250,
-    "tests/test_kill_resume.py::test_sigterm_and_sigkill_resume_to_identical_metrics": 260,
+    "tests/test_kill_resume.py::test_sigterm_and_sigkill_resume_to_identical_metrics": 140,
     "tests/stage2/test_tables.py::test_model_parts_tiny": 185,
     "tests/stage2/test_gpu_arms_script.py": 165,
     "tests/stage1/test_stage1_ml100k.py::test_ml100k_stage1_frozen_sbert_standardised": 150,
