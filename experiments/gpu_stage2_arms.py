@@ -93,7 +93,6 @@ from allmrec_jax.trainers import runner
 from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import stage2_run
 from allmrec_jax.trainers import stage2 as stage2_lib
-from allmrec_jax.weights import llm as llm_weights
 from experiments import _study_io
 
 FLAGS = flags.FLAGS
@@ -253,12 +252,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
       config.stage2.item_source, tables, config.seed,
       standardize=config.stage2.item_standardize)
   cf_table = tables["cf"]
-  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
-                                remat=config.llm.remat,
-                                matmul_dtype=config.llm.matmul_dtype or "",
-                                lora_rank=config.llm.lora_rank,
-                                lora_alpha=config.llm.lora_alpha,
-                                lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
+  loaded = stage2_run.load_llm(config)
   llm, llm_params = loaded.module, {"params": loaded.params}
   ex = stage2_lib.training_examples(ds, maxlen=config.data.maxlen, num_history=TRAIN_HISTORY,
                                     positions_per_user=config.stage2.positions_per_user)

@@ -44,7 +44,6 @@ from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import loop as loop_lib
 from allmrec_jax.trainers import stage2_run
 from allmrec_jax.trainers import stage2 as stage2_lib
-from allmrec_jax.weights import llm as llm_weights
 
 FLAGS = flags.FLAGS
 
@@ -138,12 +137,7 @@ def main(argv):
     table = item_tables_lib.item_table_for(FLAGS.items, tables, config.seed,
                                            standardize=cfg.item_standardize)
   cf_table = tables["cf"]
-  loaded = llm_weights.load_llm(config.llm.path or None, dtype=config.llm.dtype,
-                                remat=config.llm.remat,
-                                matmul_dtype=config.llm.matmul_dtype or "",
-                                lora_rank=config.llm.lora_rank,
-                                lora_alpha=config.llm.lora_alpha,
-                                lora_targets=lora_lib.parse_targets(config.llm.lora_targets))
+  loaded = stage2_run.load_llm(config)
   llm, llm_params = loaded.module, {"params": loaded.params}
   es = eval_lib.make_eval_set(ds, FLAGS.split, maxlen=config.data.maxlen,
                               num_history=config.eval.num_history, max_users=FLAGS.eval_users,
