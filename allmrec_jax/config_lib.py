@@ -80,6 +80,7 @@ class Stage2Config:
   curriculum: str
   curriculum_frac: float
   two_step_steps: int
+  history_drop: float
 
   @classmethod
   def from_config(cls, config) -> Stage2Config:

@@ -87,3 +87,40 @@ class MetricWriter:
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()
+
+
+def read_curve(path: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """{metric: [(step, value)]} of a metrics.jsonl."""
+  out: dict[str, list[tuple[int, float]]] = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      if line.strip():
+        row = json.loads(line)
+        for k, v in row.items():
+          if k not in ("step", "epoch") and isinstance(v, (int, float)):
+            out.setdefault(k, []).append((int(row["step"]), float(v)))
+  return out
+
+
+def plot_learning_curve(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str):
+  """The logged training loss (one step every log_every) and validation hit@1 against
+  the step."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  curve = read_curve(metrics_path)
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+  if "train/loss" in curve:
+    st, v = zip(*curve["train/loss"])
+    ax[0].plot(st, v, lw=0.8)
+  ax[0].set(xlabel="step", ylabel="train loss (target tokens)", title=title)
+  for k in sorted(curve):
+    if k.startswith("val/") and "hit@1" in k:
+      st, v = zip(*curve[k])
+      ax[1].plot(st, v, marker="o", ms=3, label=k)
+  if any(k.startswith("val/") for k in curve):
+    ax[1].legend(fontsize=8)
+  ax[1].set(xlabel="step", ylabel="validation hit@1 (20 candidates)")
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=110)
+  plt.close(fig)

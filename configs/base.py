@@ -183,6 +183,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.two_step_steps = 0     # N > 0: CoLLM's order, the first N steps train only LoRA on
                                   #   text-only prompts, then LoRA freezes and the projectors
                                   #   train on soft-token prompts (needs train_lora)
+  c.stage2.history_drop = 0.0     # p > 0: each training prompt lists no history items with
+                                  #   probability p (a seeded draw per example and epoch), so
+                                  #   the answer must read the user from [UserRep] alone
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()

@@ -9,14 +9,13 @@ Loss: causal-LM cross-entropy on the target title tokens and EOS only; the LM he
 applied only at those positions (B x Tt rows instead of B x L).
 
 Options beyond the paper's recipe (a learning-rate schedule, gradient accumulation, LLaRA's
-curriculum, CoLLM's two-step order) live in `stage2_options.py`.
+curriculum, CoLLM's two-step order, history dropout) live in `stage2_options.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import optax
 
 from allmrec_jax import common_types as ct
 from allmrec_jax import config_lib
+from allmrec_jax import logging_utils
 from allmrec_jax import sharding
 from allmrec_jax.data import dataset as dataset_lib
 from allmrec_jax.data import pipelines
@@ -247,15 +247,16 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
                     ds: dataset_lib.RecDataset, index: sampling.ExclusionIndex, *,
                     batch_size: int, num_candidates: int, seed: int, epoch: int,
                     start_batch: int = 0, soft: bool | Callable[[int], bool] = True,
-                    shard: tuple[int, int] = (0, 1), match_batch: int = 0
-                    ) -> Iterator[tuple[int, dict]]:
+                    shard: tuple[int, int] = (0, 1), match_batch: int = 0,
+                    history_drop: float = 0.0) -> Iterator[tuple[int, dict]]:
   """Yields (batch index, arrays) of one epoch, from `start_batch` (resume).
 
   `soft`: soft-token prompts, or a function batch index -> bool (a curriculum's choice).
   The last incomplete batch is dropped (static shapes). `shard` = (process index, count):
   each host builds the global batch (one prompt width) and keeps its rows. `match_batch` >
   0 adds that many match-term examples (`match_user_rep`, `match_target`), drawn by a hash
-  of (seed, epoch, batch index), so a resumed epoch draws the same ones.
+  of (seed, epoch, batch index), so a resumed epoch draws the same ones. `history_drop`:
+  config.stage2.history_drop (`stage2_options.drop_history`).
   """
   order = epoch_order(len(ex.users), seed, epoch)
   n_batches = len(order) // batch_size
@@ -265,7 +266,8 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
     sel = order[j * batch_size:(j + 1) * batch_size]
     cands = sample_candidates(ds, index, ex.users[sel], ex.targets[sel], sel,
                               num_candidates, seed, epoch)
-    pb = builder.build(ex.history[sel], cands, ex.targets[sel],
+    hist = options_lib.drop_history(ex.history[sel], history_drop, seed, epoch, sel)
+    pb = builder.build(hist, cands, ex.targets[sel],
                        soft=soft(j) if callable(soft) else soft, padding="right")
     arrays = {k: v[rows] for k, v in pb.arrays().items()}
     arrays["user_rep"] = user_rep[sel[rows]].astype(np.float32)
@@ -368,43 +370,6 @@ class Stage2Trainer:
       return self._step(state, self.frozen, batch, self._rng)
 
 
-def read_curve(path: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-  """{metric: [(step, value)]} of a metrics.jsonl."""
-  out: dict[str, list[tuple[int, float]]] = {}
-  if path.exists():
-    for line in path.read_text().splitlines():
-      if line.strip():
-        row = json.loads(line)
-        for k, v in row.items():
-          if k not in ("step", "epoch") and isinstance(v, (int, float)):
-            out.setdefault(k, []).append((int(row["step"]), float(v)))
-  return out
-
-
-def plot_learning_curve(metrics_path: pathlib.Path, png_path: pathlib.Path, title: str):
-  """The logged training loss (one step every log_every) and validation hit@1 against
-  the step."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  curve = read_curve(metrics_path)
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-  if "train/loss" in curve:
-    st, v = zip(*curve["train/loss"])
-    ax[0].plot(st, v, lw=0.8)
-  ax[0].set(xlabel="step", ylabel="train loss (target tokens)", title=title)
-  for k in sorted(curve):
-    if k.startswith("val/") and "hit@1" in k:
-      st, v = zip(*curve[k])
-      ax[1].plot(st, v, marker="o", ms=3, label=k)
-  if any(k.startswith("val/") for k in curve):
-    ax[1].legend(fontsize=8)
-  ax[1].set(xlabel="step", ylabel="validation hit@1 (20 candidates)")
-  fig.tight_layout()
-  fig.savefig(png_path, dpi=110)
-  plt.close(fig)
-
-
 def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
           variant: variants_lib.Variant, llm, llm_params, builder: prompts_lib.PromptBuilder,
           user_rep_fn, item_table: np.ndarray, mesh=None, rules=None,
@@ -479,12 +444,14 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
         ex, user_rep, builder, ds, index, batch_size=cfg.batch_size,
         num_candidates=cfg.num_candidates, seed=config.seed, epoch=epoch, start_batch=start,
         shard=shard, soft=lambda j: bool(plan.hybrid(first + j)),
-        match_batch=match_batch(cfg, use_user and use_items)):
+        match_batch=match_batch(cfg, use_user and use_items),
+        history_drop=float(cfg.history_drop)):
       yield plan.mode(first + j), arrays
 
   def plot(_):
     if jax.process_index() == 0:
-      plot_learning_curve(out_dir / "metrics.jsonl", out_dir / "learning_curve.png", name)
+      logging_utils.plot_learning_curve(out_dir / "metrics.jsonl",
+                                        out_dir / "learning_curve.png", name)
 
   result = loop_lib.run(
       out_dir, name=name, state=state, step_fn=lambda st, b: trainer.step(st, b[1], b[0]),

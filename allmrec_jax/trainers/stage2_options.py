@@ -17,6 +17,11 @@ is the paper's and leaves the step, its optimizer state and the checkpoint as th
   two_step_steps          N > 0: CoLLM's two-step tuning (Zhang et al. 2023): steps 0..N-1
                           train only the LoRA adapters on text-only prompts; from step N the
                           adapters are frozen and the projectors train on hybrid prompts.
+  history_drop            p > 0: a training prompt lists no history items with probability
+                          p (drawn per example and epoch from a hash, so a resumed epoch
+                          drops the same ones); the answer then has only [UserRep] to tell
+                          whose it is, which teaches the LLM to read x_u rather than only the
+                          history tokens that carry the same user.
 
 Step modes. Under a curriculum or the two-step order the steps of one run differ in the
 prompt they build and in the part of the trainable tree they train: a `StepMode` per step,
@@ -43,6 +48,7 @@ from allmrec_jax.data import sampling
 SCHEDULES = ("constant", "warmup_cosine")
 CURRICULA = ("none", "linear")
 _STREAM_CURRICULUM = 37       # hash stream of the curriculum's draws (data.sampling)
+_STREAM_HISTORY_DROP = 41     # hash stream of history_drop's draws
 
 
 def validate_options(cfg) -> None:
@@ -65,6 +71,8 @@ def validate_options(cfg) -> None:
     bad("curriculum_frac", cfg.curriculum_frac, "must be in (0, 1]")
   if int(cfg.two_step_steps) < 0:
     bad("two_step_steps", cfg.two_step_steps, "must be >= 0")
+  if not 0.0 <= float(cfg.history_drop) < 1.0:
+    bad("history_drop", cfg.history_drop, "must be in [0, 1)")
   staged = cfg.curriculum != "none" or int(cfg.two_step_steps) > 0
   if cfg.curriculum != "none" and int(cfg.two_step_steps) > 0:
     bad("two_step_steps", cfg.two_step_steps,
@@ -77,6 +85,17 @@ def validate_options(cfg) -> None:
         f"must be a multiple of --config.stage2.grad_accum={cfg.grad_accum}")
   if problems:
     raise ValueError("; ".join(problems))
+
+
+def drop_history(history: np.ndarray, p: float, seed: int, epoch: int,
+                 example_ids: np.ndarray) -> np.ndarray:
+  """history_drop: `history` (int[B, H], 0 = absent) with every item of a row removed
+  with probability p, a pure function of (seed, epoch, example id)."""
+  if not p:
+    return history
+  u = (sampling.hash_u64(_STREAM_HISTORY_DROP, seed, epoch, np.asarray(example_ids))
+       >> np.uint64(11)) * 2.0 ** -53
+  return np.where((u < p)[:, None], 0, history).astype(history.dtype)
 
 
 def learning_rate(cfg, updates: int) -> float | optax.Schedule:

@@ -1,7 +1,7 @@
 """Stage-2 training options (trainers/stage2_options.py): the defaults are the paper's
 optimizer bit for bit; bad values are one-line errors naming the field; the warmup_cosine
 schedule's values; gradient accumulation equals one step on the concatenated batch; the
-curriculum's draws; the two-step order's frozen halves; and a run with the curriculum,
+curriculum's draws; the two-step order's frozen halves; history dropout's rows; and a run with the curriculum,
 accumulation and the schedule killed in the middle of an accumulation resumes exactly."""
 
 import functools
@@ -84,7 +84,7 @@ def test_defaults_are_the_papers_adam():
 @pytest.mark.parametrize("field,value", [
     ("schedule", "cosine"), ("warmup_frac", 1.0), ("grad_accum", 0),
     ("curriculum", "exp"), ("curriculum_frac", 0.0), ("two_step_steps", -1),
-    ("two_step_steps", 3)])
+    ("two_step_steps", 3), ("history_drop", 1.0), ("history_drop", -0.1)])
 def test_bad_values_are_one_line_errors_naming_the_field(field, value):
   overrides = {field: value, "train_lora": True}
   if field == "two_step_steps" and value > 0:
@@ -179,6 +179,23 @@ def test_curriculum_draws():
   assert plan.mode(3999) == options_lib.StepMode(True, ("params", "lora"))
   text_only = options_lib.StepPlan(total=10, soft=False, curriculum="linear")
   assert not text_only.staged and text_only.mode(5) is None     # TALLRec: one mode
+
+
+# ---------------------------------------------------------------------------- history_drop
+def test_drop_history_draws():
+  """Each row keeps its whole history or loses all of it, with probability p, as a function
+  of (seed, epoch, example id) only; p = 0 returns the rows unchanged."""
+  hist = np.arange(1, 4001 * 5 + 1).reshape(4001, 5)
+  ids = np.arange(4001)
+  assert options_lib.drop_history(hist, 0.0, 0, 0, ids) is hist
+  out = options_lib.drop_history(hist, 0.3, 0, 0, ids)
+  gone = (out == 0).all(1)
+  assert ((out == hist).all(1) | gone).all()
+  assert abs(gone.mean() - 0.3) < 0.03
+  np.testing.assert_array_equal(options_lib.drop_history(hist[::7], 0.3, 0, 0, ids[::7]),
+                                out[::7])
+  assert (options_lib.drop_history(hist, 0.3, 0, 1, ids) != out).any()
+  assert (options_lib.drop_history(hist, 0.3, 1, 0, ids) != out).any()
 
 
 # ---------------------------------------------------------------------------- two-step
@@ -294,3 +311,33 @@ def test_two_step_order_through_train(run_setup, tmp_path, monkeypatch):
   assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(half["lora"]))
   assert all(np.any(np.asarray(x) != np.asarray(y)) for x, y in
              zip(jax.tree.leaves(end["params"]), jax.tree.leaves(half["params"])))
+
+
+def test_history_drop_batches(run_setup):
+  """history_drop = 0.5 through iterate_batches on ML-100K: a dropped prompt has no history
+  slot and no history title, the others are the paper's batch row for row."""
+  from allmrec_jax.data import pipelines  # pylint: disable=import-outside-toplevel
+  s = run_setup
+  ds, c = s["ds"], s["c"]
+  ex = stage2.training_examples(ds, maxlen=c.data.maxlen, num_history=10)
+  index = pipelines.train_exclusion_index(ds)
+  rep = np.zeros((len(ex.users), 4), np.float32)
+  kw = dict(batch_size=4, num_candidates=20, seed=0, epoch=0)
+
+  def batches(p):
+    it = stage2.iterate_batches(ex, rep, s["builder"], ds, index, history_drop=p, **kw)
+    return [b for _, (_, b) in zip(range(6), it)]
+
+  dropped = 0
+  for full, drop in zip(batches(0.0), batches(0.5)):
+    width = drop["input_ids"].shape[1]
+    hist_present = (drop["item_pos"][:, :10] < width).any(1)
+    kept = hist_present | ((full["item_pos"][:, :10] >= full["input_ids"].shape[1]).all(1))
+    dropped += int((~hist_present).sum())
+    for r in np.nonzero(kept)[0]:
+      n = int(full["attention_mask"][r].sum())
+      np.testing.assert_array_equal(drop["input_ids"][r, :n], full["input_ids"][r, :n])
+    for r in np.nonzero(~hist_present)[0]:
+      assert drop["attention_mask"][r].sum() < full["attention_mask"][r].sum()
+    np.testing.assert_array_equal(drop["target_item"], full["target_item"])
+  assert 0 < dropped < 24
