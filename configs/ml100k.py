@@ -40,9 +40,10 @@ and stage 1 and their CPU-budget settings are those of configs/ml100k_paper.py.
   eval.diagnostics = user_shuffled,context_shuffled   rankings with another user's x_u, and
                           with another user's x_u and history: does the LLM read the user?
 
-Measured (docs/results.md, 200 test users, seed 0): hit@1 0.300, generation 0.290, 0.170 with
-another user's x_u (SASRec 0.555, a popularity count 0.230, chance 0.05); without
-history_drop 0.335 / 0.315 (seeds 0 / 1) but only 0.065 / 0.045 lost with another x_u.
+Measured (docs/results.md, 200 test users, seeds 0 / 1): hit@1 0.300 / 0.300, generation
+0.290 / 0.265, 0.170 / 0.110 with another user's x_u (SASRec 0.555 / 0.535, a popularity
+count 0.230, chance 0.05); without history_drop 0.335 / 0.315 but only 0.065 / 0.045 lost
+with another x_u.
 """
 
 from configs import ml100k_paper
