@@ -79,9 +79,11 @@ def _score_packed(module: Any, params: PyTree, cache: PyTree, window: Array,
   pids, seg, off = _pack(ids, cmask, packed_len)
   _, aux = module.apply(params, input_ids=pids, attention_mask=_packed_pattern(window, p, seg),
                         positions=n_valid[:, None] + off, cache=cache, compute_logits=False)
-  # Slot i's token is predicted by slot i - 1, or by the prompt for a continuation's first.
-  logp_prev = jax.nn.log_softmax(generate_lib.lm_logits(module, params, aux["hidden"][:, :-1]), axis=-1)
-  from_prev = jnp.take_along_axis(logp_prev, pids[:, 1:, None], axis=-1)[..., 0]
+  # Slot i's token is predicted by slot i - 1, or by the prompt for a continuation's first:
+  # its logit minus the logsumexp (no [B, Lp, V] log-softmax array is written).
+  logits = generate_lib.lm_logits(module, params, aux["hidden"][:, :-1])
+  from_prev = (jnp.take_along_axis(logits, pids[:, 1:, None], axis=-1)[..., 0]
+               - jax.nn.logsumexp(logits, axis=-1))
   from_prev = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), from_prev], axis=1)
   from_prompt = jnp.take_along_axis(logp_first, pids, axis=-1)      # [B, Lp]
   token_logp = jnp.where(off == 0, from_prompt, from_prev) * (seg >= 0)

@@ -1,8 +1,10 @@
 r"""Stage 2 on one GPU: the oracle user token vs the method, BOS first vs the authors' order.
 
 What it measures. Each arm trains fresh stage-2 projectors (the same initialisation, the
-same batches, Adam at config.stage2.lr) on the faithful training prompts (20 candidates,
-10 history items) for up to --steps steps, and ranks the 20 stored validation candidates of
+same batches; the config's stage-2 options: Adam at config.stage2.lr under its schedule
+over --steps, the LoRA adapters when train_lora, the catalog match term, history_drop;
+staged plans, curriculum and two_step_steps, are refused) on the faithful training prompts
+(20 candidates, 10 history items) for up to --steps steps, and ranks the 20 stored validation candidates of
 --eval_users seeded users by likelihood (no generation) before training, every
 --eval_every steps and at the end. Arms:
 
@@ -19,9 +21,11 @@ same batches, Adam at config.stage2.lr) on the faithful training prompts (20 can
 The prompt layout fields config.stage2.item_slot / config.stage2.user_at_answer are taken
 from the config as given. Writes one JSON line per arm to --out (the file is rewritten;
 each line is written when its arm ends) and prints it: arm, steps_done, batch_size, bos,
-item_slot, user_at_answer, lr, before/after hit@1/hit@5/mrr, curve [[step, hit@1], ...],
-the mean loss of the first and last 20 steps, seconds (the arm's wall time, compiles
-included) and the accelerator's device_kind.
+item_slot, user_at_answer, lr and the other options, before/after hit@1/hit@5/mrr, curve
+[[step, hit@1], ...], the mean loss of the first and last 20 steps, seconds (the arm's wall
+time, compiles included), the accelerator's device_kind, and with --test_users the test
+pass ("test": ranking, generation with --test_generate, the x_u and whole-context shuffles,
+SASRec's and popularity's hit@1 on the same users).
 
 Training. Each arm trains with the product's loop (trainers/loop.run: the stage-2 trainer's
 step, the stage-2 batches, the ranking above as the loop's evaluation) in a scratch folder
@@ -93,6 +97,7 @@ from allmrec_jax.trainers import runner
 from allmrec_jax.trainers import item_tables as item_tables_lib
 from allmrec_jax.trainers import stage2_run
 from allmrec_jax.trainers import stage2 as stage2_lib
+from allmrec_jax.trainers import stage2_options as options_lib
 from experiments import _study_io
 
 FLAGS = flags.FLAGS
@@ -186,13 +191,14 @@ def stage2_config(config, bos: str, batch_size: int):
 def test_pass(ev, builder, params, es, user_rep, *, generate: bool, seed: int
               ) -> dict[str, Any]:
   """Test metrics of trained projectors: ranking (and generation) with the true x_u, and
-  ranking with x_u shuffled across users (eval_lib.soft_token_diagnostics)."""
+  ranking with x_u, then the whole user context (x_u and history), taken from another user
+  (eval_lib.soft_token_diagnostics)."""
   t = time.time()
   ev.builder = builder
   m = eval_lib.llm_metrics(ev.evaluate(params, es, user_rep, generate=generate, desc="test"),
                            "")
   diag = eval_lib.soft_token_diagnostics(
-      ev, params, es, user_rep, "", seed, which=("user_shuffled",),
+      ev, params, es, user_rep, "", seed, which=("user_shuffled", "context_shuffled"),
       true_metrics={"hit@1": m["hit@1"], "mrr": m["mrr"], "loss": m["target_loss"]})
   out = {k: round(float(v), 4) for k, v in {**m, **diag}.items()}
   out.update(split="test", users=len(es.users), seconds=round(time.time() - t, 1))
@@ -235,6 +241,9 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     raise ValueError(f"--arms: unknown {unknown}; known: {list(ARMS)}")
   if steps < 1 or batch_size < 1 or check_every < 1:
     raise ValueError("--steps, --batch_size and --check_every must be >= 1")
+  if config.stage2.curriculum != "none" or config.stage2.two_step_steps:
+    raise ValueError("--config.stage2.curriculum / two_step_steps: staged plans are not run "
+                     "by this script (launch/train.py runs them)")
   if config.asset_cache_dir:
     os.environ["ALLMREC_CACHE"] = os.path.expanduser(config.asset_cache_dir)
   workdir = pathlib.Path(workdir).expanduser()
@@ -270,12 +279,17 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     else:
       reps[kind] = (stage2_lib.user_representations(cf_model, cf_vars, ex.seq),
                     stage2_lib.user_representations(cf_model, cf_vars, es.seq))
-  es_test, test_rep = None, None
+  es_test, test_rep, test_baselines = None, None, {}
   if test_users and any(ARMS[a].user == "cf" for a in arms):
     es_test = eval_lib.make_eval_set(ds, "test", maxlen=config.data.maxlen,
                                      num_history=config.eval.num_history,
                                      max_users=test_users, seed=config.data.candidate_seed)
     test_rep = stage2_lib.user_representations(cf_model, cf_vars, es_test.seq)
+    test_baselines = {
+        "cf_hit@1": eval_lib.ranking_metrics(
+            eval_lib.cf_scores(cf_model, cf_vars, es_test), "")["hit@1"],
+        "popularity_hit@1": eval_lib.ranking_metrics(
+            eval_lib.popularity_scores(ds, es_test), "")["hit@1"]}
   index = pipelines.train_exclusion_index(ds)
   device_kind = jax.devices()[0].device_kind
   setup_s = time.time() - t_start
@@ -293,7 +307,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
                                              loaded.config.embed_dim)
       trainer = stage2_lib.Stage2Trainer(llm=llm, llm_params=llm_params, projectors=proj,
                                          item_table=table,
-                                         optimizer=stage2_lib.make_optimizer(cfg0),
+                                         optimizer=options_lib.make_optimizer(cfg0, steps),
                                          **stage2_lib.match_options(cfg0))
       ev = eval_lib.LLMEvaluator(llm=llm, llm_params=llm_params, tokenizer=loaded.tokenizer,
                                  builder=None, titles=ds.titles, projectors=proj,
@@ -319,6 +333,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     if es_test is not None and spec.user == "cf":
       deadline -= test_reserve_s
     cfg = stage2_config(config, spec.bos, batch_size)
+    n_match = stage2_lib.match_batch(cfg)
     builder = stage2_run.prompt_builder(ds, loaded.tokenizer, cfg)
     train_rep, eval_rep = reps[spec.user]
     proj, trainer, ev = machinery(train_rep.shape[1])
@@ -333,7 +348,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
                                                   batch_size=batch_size,
                                                   num_candidates=TRAIN_CANDIDATES,
                                                   seed=config.seed, epoch=epoch,
-                                                  start_batch=start):
+                                                  start_batch=start, match_batch=n_match,
+                                                  history_drop=float(cfg.history_drop)):
         yield arrays
 
     ranked: dict[int, dict[str, float]] = {}    # step -> ranking (the loop's evaluations)
@@ -370,7 +386,10 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
            "user_at_answer": bool(cfg.user_at_answer),
            "item_standardize": bool(cfg.item_standardize), "lr": cfg.lr,
            "train_candidates": TRAIN_CANDIDATES, "train_history": TRAIN_HISTORY,
-           "positions_per_user": cfg.positions_per_user,
+           "positions_per_user": cfg.positions_per_user, "schedule": cfg.schedule,
+           "train_lora": bool(cfg.train_lora), "lora_targets": config.llm.lora_targets,
+           "history_drop": float(cfg.history_drop), "user_match_weight":
+           float(cfg.user_match_weight), "user_match_batch": n_match,
            "eval_split": "valid", "eval_users": len(es.users),
            "eval_users_digest": digest(es.users), "user_rep_digest": digest(eval_rep),
            "before": ranked[0], "after": ranked[step],
@@ -382,6 +401,7 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     if es_test is not None and spec.user == "cf":
       row["test"] = test_pass(ev, builder, params, es_test, test_rep,
                               generate=test_generate, seed=config.seed)
+      row["test"].update({k: round(float(v), 4) for k, v in test_baselines.items()})
       row["seconds"] = round(time.time() - t_arm, 1)
     return row
 

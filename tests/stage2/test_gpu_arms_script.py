@@ -73,14 +73,27 @@ def test_arms_smoke(run_folder):
 
 
 def test_arms_budget_stop(run_folder):
-  """A budget spent before training: the arm stops at its first check, ranked there."""
+  """A budget spent before training: the arm stops at its first check, ranked there. The
+  method arm trains with the small-LLM options (match term, LoRA, history drop, warmup +
+  cosine) and its test pass scores the test users with both shuffles and the baselines."""
   common, tmp, _ = run_folder
   out = tmp / "spent.jsonl"
+  options = {"user_match_weight": 1.0, "user_match_negatives": "catalog",
+             "user_match_batch": 4, "train_lora": True, "history_drop": 0.5,
+             "schedule": "warmup_cosine"}
   (r,) = _run("gpu_stage2_arms", *common, f"--out={out}", "--batch_size=2",
-              "--eval_users=4", "--arms=oracle", "--steps=5", "--eval_every=0",
-              "--check_every=1", "--time_budget_s=1")
+              "--eval_users=4", "--arms=method_bos_first", "--steps=5", "--eval_every=0",
+              "--check_every=1", "--time_budget_s=1", "--test_users=3",
+              *[f"--config.stage2.{k}={v}" for k, v in options.items()])
   assert r["steps_done"] == 1 and r["stopped_by_budget"]
   assert [s for s, _ in r["curve"]] == [0, 1]
+  assert (r["user_match_batch"], r["train_lora"], r["history_drop"], r["schedule"]) == (
+      4, True, 0.5, "warmup_cosine")
+  t = r["test"]
+  assert t["users"] == 3 and "gen_hit@1" not in t
+  for k in ("hit@1", "hit@1_user_shuffled", "hit@1_context_shuffled", "cf_hit@1",
+            "popularity_hit@1"):
+    assert 0.0 <= t[k] <= 1.0, k
 
 
 def test_probe_stage2_smoke(run_folder):

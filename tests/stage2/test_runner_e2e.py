@@ -110,10 +110,10 @@ def _check_recommend(work):
 
 @pytest.mark.slow
 def test_long_config_layout_tiny(tmp_path):
-  """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, short
-  training prompts, several positions per user, the catalog match term and LoRA adapters)
-  end to end with validation rankings,
-  the learning curve and the soft-token diagnostics."""
+  """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, batch 32,
+  16 positions per user, the catalog match term, LoRA adapters, warmup + cosine decay)
+  end to end with validation rankings, the learning curve and the soft-token
+  diagnostics."""
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
   c = ml100k_long.get_config()
   c.llm.path = str(testing.write_tiny_llama(tmp_path / "llm", **LLAMA))
