@@ -14,8 +14,6 @@ paper named in its docstring) with:
   stage2.positions_per_user = 16   (ml100k.py: 4; paper: 1) the 16 last training items of
                           each user are targets: 15,088 examples, ~4 epochs in 2,000 steps
                           (with 4 positions the same steps would pass 17 times over 3,772)
-  stage2.schedule = "warmup_cosine"  (paper: constant) linear warmup over 5% of the steps,
-                          cosine decay to 0 (LLaRA's schedule)
   stage2.len_bucket = 448          (base: 32) every prompt padded to one width, so an
                           accelerator compiles one training step (six widths otherwise)
   stage2.eval_every = 500          validation ranking of 200 seeded users (20 stored
@@ -37,7 +35,6 @@ def get_config():
   c.stage2.batch_size = 32             # accelerator scale (paper: 4)
   c.stage2.max_steps = 2000            # (paper: 5 epochs at batch 4)
   c.stage2.positions_per_user = 16     # more examples per user (paper: 1)
-  c.stage2.schedule = "warmup_cosine"  # (paper: constant)
   c.stage2.len_bucket = 448            # one prompt width, one compiled step
   c.stage2.eval_every = 500
   c.stage2.eval_users = 200

@@ -22,6 +22,9 @@ def test_resume_equals_uninterrupted(tmp_path):
   c.stage2.user_match_batch = 3
   c.stage2.train_lora = True
   c.stage2.len_bucket = 512      # one prompt length: one compiled step
+  # A shorter max_steps stands in for the interruption: the same run only under a constant
+  # rate (a schedule is laid over max_steps; its resume is tested in test_stage2_options).
+  c.stage2.schedule = "constant"
   ds = prepare.prepare_dataset(c.data)
   gguf = assets.get_asset("smollm2-135m")
   tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
