@@ -110,8 +110,8 @@ def _check_recommend(work):
 
 @pytest.mark.slow
 def test_long_config_layout_tiny(tmp_path):
-  """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, batch 32,
-  16 positions per user, the catalog match term, LoRA adapters, warmup + cosine decay)
+  """configs/ml100k_long.py's stage 2 (in-quotes item slots, [U] at the answer, 16
+  positions per user, the catalog match term, LoRA adapters, warmup + cosine decay)
   end to end with validation rankings, the learning curve and the soft-token
   diagnostics."""
   from configs import ml100k_long  # pylint: disable=import-outside-toplevel
@@ -123,6 +123,7 @@ def test_long_config_layout_tiny(tmp_path):
   c.cf.grad_splits = 1       # the same objective (tests/cf), a third of the CF compile time
   c.stage1.max_steps = 2
   c.stage2.max_steps, c.stage2.ckpt_every, c.stage2.eval_every = 4, 2, 2
+  c.stage2.batch_size = 8    # the config's layout and options, not its scale (batch 32)
   c.stage2.len_bucket = 512
   c.stage2.eval_users = 4
   c.eval.max_users, c.eval.max_new_tokens, c.eval.batch_size = 4, 4, 4
