@@ -4,9 +4,9 @@ What it measures. Each arm trains fresh stage-2 projectors (the same initialisat
 same batches; the config's stage-2 options: Adam at config.stage2.lr under its schedule
 over --steps, the LoRA adapters when train_lora, the catalog match term, history_drop;
 staged plans, curriculum and two_step_steps, are refused) on the faithful training prompts
-(20 candidates, 10 history items) for up to --steps steps, and ranks the 20 stored validation candidates of
---eval_users seeded users by likelihood (no generation) before training, every
---eval_every steps and at the end. Arms:
+(20 candidates, 10 history items) for up to --steps steps, and ranks the 20 stored
+validation candidates of --eval_users seeded users by likelihood (no generation) before
+training, every --eval_every steps and at the end. Arms:
 
   oracle             [UserRep] carries the CF item embedding of the example's own target
                      (training and evaluation; as probe_stage2.py --user=oracle), prompt
@@ -241,7 +241,9 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
     raise ValueError(f"--arms: unknown {unknown}; known: {list(ARMS)}")
   if steps < 1 or batch_size < 1 or check_every < 1:
     raise ValueError("--steps, --batch_size and --check_every must be >= 1")
-  if config.stage2.curriculum != "none" or config.stage2.two_step_steps:
+  options_lib.validate_options(config.stage2)
+  if options_lib.StepPlan.from_config(config.stage2, total=steps, seed=config.seed,
+                                      soft=True).staged:
     raise ValueError("--config.stage2.curriculum / two_step_steps: staged plans are not run "
                      "by this script (launch/train.py runs them)")
   if config.asset_cache_dir:
