@@ -92,7 +92,8 @@ def make_trainer(args, c, ds, loaded, builder):
   params = stage2.init_projectors(proj, jax.random.PRNGKey(0), table.shape[1], rep.shape[1])
   trainer = stage2.Stage2Trainer(llm=loaded.module, llm_params={"params": loaded.params},
                                  projectors=proj, item_table=table,
-                                 optimizer=stage2.make_optimizer(c.stage2))
+                                 optimizer=stage2.make_optimizer(
+                                     c.stage2, 1000))    # a schedule needs a length; speed does not
   state = trainer.init_state(params)
   it = stage2.iterate_batches(ex, rep, builder, ds, index, batch_size=args.batch,
                               num_candidates=c.stage2.num_candidates, seed=0, epoch=0)

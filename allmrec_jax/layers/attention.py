@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -86,6 +85,23 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
   return mask, positions.astype(jnp.int32)
 
 
+def _softmax(scores: ct.Array) -> ct.Array:
+  """Softmax over the last axis. The row maximum it subtracts is a constant to autodiff
+  (the softmax does not depend on it), which spares the backward pass a reduction and a
+  select per score; values and gradients are jax.nn.softmax's within float32 rounding."""
+  top = lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  e = jnp.exp(scores - top)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _heads_first(q: ct.Array, hkv: int) -> ct.Array:
+  """float[B, T, H, Dh] -> float[B, Hkv, G * T, Dh]: each kv head's G query heads and T
+  queries as the rows of one matrix, so the scores are one batched matmul per kv head
+  (2-3x quicker on CPUs than batching over the group axis too)."""
+  b, t, h, d = q.shape
+  return q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+
+
 def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> ct.Array:
   """The grouped-query attention probabilities (softmax in float32).
 
@@ -98,13 +114,14 @@ def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> c
     float32[B, Hkv, H // Hkv, T, S]: head h = kv head h // (H // Hkv), group h % (H // Hkv).
     A query row with no visible key (a padding query) is uniform over all S keys.
   """
-  b, t, h, d = q.shape
+  b, t, h, _ = q.shape
   hkv = k.shape[2]
-  q = q.reshape(b, t, hkv, h // hkv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+  k = k.astype(q.dtype).transpose(0, 2, 1, 3)                                # [B, Hkv, S, Dh]
+  scores = jnp.einsum("bkqd,bksd->bkqs", _heads_first(q, hkv), k,
                       preferred_element_type=jnp.float32) * scale
+  scores = scores.reshape(b, hkv, h // hkv, t, -1)
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  return jax.nn.softmax(scores, axis=-1)
+  return _softmax(scores)
 
 
 def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
@@ -120,9 +137,11 @@ def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
     float[B, T, H, Dh] in q's dtype; softmax in float32.
   """
   b, t, h, d = q.shape
+  hkv = k.shape[2]
   probs = attention_probs(q, k, mask, scale).astype(q.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-  return out.reshape(b, t, h, d)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, hkv, -1, probs.shape[-1]),
+                   v.astype(q.dtype).transpose(0, 2, 1, 3))
+  return out.reshape(b, hkv, h // hkv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Attention(nn.Module):
