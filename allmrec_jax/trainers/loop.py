@@ -222,7 +222,11 @@ def run(stage_dir, *, name: str, state: dict, step_fn, data, total: int, ckpt_ev
   ckpt_every, log_every = max(int(ckpt_every), 1), max(int(log_every), 1)
   eval_every = int(eval_every) if evaluate is not None else 0
 
+  saved_at = start
+
   def save(i, data_state, metrics=None):
+    nonlocal saved_at
+    saved_at = i
     checkpointing.save(manager, i, params=state["params"], opt_state=state["opt_state"],
                        extra={"iteration": i, "state_step": int(state["step"]),
                               "data": data_state, "loop": loop_state},
@@ -242,6 +246,7 @@ def run(stage_dir, *, name: str, state: dict, step_fn, data, total: int, ckpt_ev
   record: dict = {}
   i, completed, flag = start, bool(loop_state["stopped"]) or start >= total, _SignalFlag()
   t_window, n_window, items = time.perf_counter(), 0, 0.0
+  data_state, preempt = None, False
   try:
     with flag.installed():
       batch = next(data) if not completed else None
@@ -291,12 +296,18 @@ def run(stage_dir, *, name: str, state: dict, step_fn, data, total: int, ckpt_ev
           save(i, data_state, metrics=eval_m if evaluated and early_stopping else None)
         if loop_state["stopped"]:
           logging.info("%s: early stop at %s %d", name, unit, i)
-        if preempt:
-          err = Preempted(name, i, unit)
-          logging.warning("%s", err.message)
-          raise err
-        if stop_after is not None and i >= stop_after and not completed:
-          return LoopResult(state, i, False, record, None)
+        if preempt or (stop_after is not None and i >= stop_after and not completed):
+          break
+    # Checked once the handlers are restored, so that a signal caught after the iteration's
+    # check (during the last save, say) still ends the run as preempted.
+    if preempt or flag.raised is not None:
+      if saved_at != i:              # stop_after ended the loop between checkpoints
+        save(i, data_state)
+      err = Preempted(name, i, unit)
+      logging.warning("%s", err.message)
+      raise err
+    if not completed:
+      return LoopResult(state, i, False, record, None)
   finally:
     if indicator is not None:
       indicator.close()
