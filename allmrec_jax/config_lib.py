@@ -81,6 +81,7 @@ class Stage2Config:
   curriculum_frac: float
   two_step_steps: int
   history_drop: float
+  history_drop_unit: str
 
   @classmethod
   def from_config(cls, config) -> Stage2Config:

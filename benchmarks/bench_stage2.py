@@ -179,6 +179,8 @@ def run_peer(cmd_name: str, extra: list[str]) -> dict:
 
 
 def main():
+  from allmrec_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.reexec_with_huge_pages()    # as the launchers do
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=4, help="training batch (paper: 4)")
   ap.add_argument("--warmup", type=int, default=2)

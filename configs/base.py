@@ -186,6 +186,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.stage2.history_drop = 0.0     # p > 0: each training prompt lists no history items with
                                   #   probability p (a seeded draw per example and epoch), so
                                   #   the answer must read the user from [UserRep] alone
+  c.stage2.history_drop_unit = "example"  # "batch": one draw per batch, so that a dropped
+                                  #   batch is short (its prompts are padded to one width)
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()

@@ -10,7 +10,7 @@ Stage 0 and stage 1 are those of configs/ml100k.py (a finished runs/ml100k can b
 into the new workdir to skip them). Stage 2 is configs/ml100k.py's (each deviation from the
 paper named in its docstring) with:
   stage2.batch_size = 32           (ml100k.py and paper: 4)
-  stage2.max_steps = 2000          (ml100k.py: 400; paper: 5 epochs of batch 4)
+  stage2.max_steps = 2000          (ml100k.py: 300; paper: 5 epochs of batch 4)
   stage2.positions_per_user = 16   (ml100k.py: 4; paper: 1) the 16 last training items of
                           each user are targets: 15,088 examples, ~4 epochs in 2,000 steps
                           (with 4 positions the same steps would pass 17 times over 3,772)
@@ -19,7 +19,10 @@ paper named in its docstring) with:
   stage2.eval_every = 500          validation ranking of 200 seeded users (20 stored
                           candidates) in metrics.jsonl, TensorBoard and
                           stage2/learning_curve.png
+  stage2.history_drop_unit = "example"  (ml100k.py: batch) at one prompt width a dropped
+                          batch is no shorter; each prompt draws for itself
   eval.max_users = 943             every test user (paper: up to 10,000)
+  eval.diagnostics = user_shuffled,context_shuffled  (ml100k.py: user_shuffled)
 
 Measured (docs/results.md, one seed, one H200, stage 2 through experiments/gpu_stage2_arms.py
 with these stage-2 settings on the main command's cf/ and stage1/): test hit@1 0.440, MRR
@@ -39,5 +42,7 @@ def get_config():
   c.stage2.eval_every = 500
   c.stage2.eval_users = 200
   c.stage2.ckpt_every = 250
+  c.stage2.history_drop_unit = "example"  # one prompt width: per-batch drops save nothing
   c.eval.max_users = 943               # every test user
+  c.eval.diagnostics = "user_shuffled,context_shuffled"
   return c

@@ -351,7 +351,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
                                                   num_candidates=TRAIN_CANDIDATES,
                                                   seed=config.seed, epoch=epoch,
                                                   start_batch=start, match_batch=n_match,
-                                                  history_drop=float(cfg.history_drop)):
+                                                  history_drop=float(cfg.history_drop),
+                                                  history_drop_unit=cfg.history_drop_unit):
         yield arrays
 
     ranked: dict[int, dict[str, float]] = {}    # step -> ranking (the loop's evaluations)

@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 
 import launch
+from allmrec_jax import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("llm", "smollm2-135m",
@@ -62,6 +63,7 @@ def read_prompts() -> list[str]:
 
 def main(argv):
   del argv
+  host_memory.reexec_with_huge_pages()   # first: it restarts the process once
   if FLAGS.max_new_tokens < 1:
     raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1")
   if FLAGS.temperature < 0:

@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 
 import launch
+from allmrec_jax import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a run folder of launch/train.py with cf, stage1 and "
@@ -39,6 +40,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.reexec_with_huge_pages()   # first: it restarts the process once
   if (FLAGS.user is None) == (FLAGS.history is None):
     raise app.UsageError("pass exactly one of --user and --history")
   history = None

@@ -22,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 import launch
+from allmrec_jax import host_memory
 from allmrec_jax import logging_utils
 from allmrec_jax import run_lock
 from allmrec_jax.paper_tables import suite as tables
@@ -61,6 +62,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.reexec_with_huge_pages()   # first: it restarts the process once
   logging_utils.quiet_libraries()
   config = _CONFIG.value
   if config.asset_cache_dir:

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 import launch
 from allmrec_jax import config_lib
+from allmrec_jax import host_memory
 from allmrec_jax import logging_utils
 from allmrec_jax import run_lock
 from allmrec_jax.trainers import reporting
@@ -62,6 +63,7 @@ def init_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  host_memory.reexec_with_huge_pages()   # first: it restarts the process once
   logging_utils.quiet_libraries()
   init_distributed()
   if _CONFIG.value.asset_cache_dir:    # the asset cache every stage reads

@@ -248,15 +248,16 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
                     batch_size: int, num_candidates: int, seed: int, epoch: int,
                     start_batch: int = 0, soft: bool | Callable[[int], bool] = True,
                     shard: tuple[int, int] = (0, 1), match_batch: int = 0,
-                    history_drop: float = 0.0) -> Iterator[tuple[int, dict]]:
+                    history_drop: float = 0.0,
+                    history_drop_unit: str = "example") -> Iterator[tuple[int, dict]]:
   """Yields (batch index, arrays) of one epoch, from `start_batch` (resume).
 
   `soft`: soft-token prompts, or a function batch index -> bool (a curriculum's choice).
   The last incomplete batch is dropped (static shapes). `shard` = (process index, count):
   each host builds the global batch (one prompt width) and keeps its rows. `match_batch` >
   0 adds that many match-term examples (`match_user_rep`, `match_target`), drawn by a hash
-  of (seed, epoch, batch index), so a resumed epoch draws the same ones. `history_drop`:
-  config.stage2.history_drop (`stage2_options.drop_history`).
+  of (seed, epoch, batch index), so a resumed epoch draws the same ones. `history_drop`,
+  `history_drop_unit`: config.stage2's (`stage2_options.drop_history`).
   """
   order = epoch_order(len(ex.users), seed, epoch)
   n_batches = len(order) // batch_size
@@ -266,7 +267,8 @@ def iterate_batches(ex: Examples, user_rep: np.ndarray, builder: prompts_lib.Pro
     sel = order[j * batch_size:(j + 1) * batch_size]
     cands = sample_candidates(ds, index, ex.users[sel], ex.targets[sel], sel,
                               num_candidates, seed, epoch)
-    hist = options_lib.drop_history(ex.history[sel], history_drop, seed, epoch, sel)
+    hist = options_lib.drop_history(ex.history[sel], history_drop, seed, epoch, sel,
+                                    j if history_drop_unit == "batch" else None)
     pb = builder.build(hist, cands, ex.targets[sel],
                        soft=soft(j) if callable(soft) else soft, padding="right")
     arrays = {k: v[rows] for k, v in pb.arrays().items()}
@@ -445,7 +447,7 @@ def train(config, workdir: str | os.PathLike, ds: dataset_lib.RecDataset, *,
         num_candidates=cfg.num_candidates, seed=config.seed, epoch=epoch, start_batch=start,
         shard=shard, soft=lambda j: bool(plan.hybrid(first + j)),
         match_batch=match_batch(cfg, use_user and use_items),
-        history_drop=float(cfg.history_drop)):
+        history_drop=float(cfg.history_drop), history_drop_unit=cfg.history_drop_unit):
       yield plan.mode(first + j), arrays
 
   def plot(_):

@@ -22,6 +22,10 @@ is the paper's and leaves the step, its optimizer state and the checkpoint as th
                           drops the same ones); the answer then has only [UserRep] to tell
                           whose it is, which teaches the LLM to read x_u rather than only the
                           history tokens that carry the same user.
+  history_drop_unit       "example" (the draw above) or "batch": one draw per batch (seed,
+                          epoch, batch index), every prompt of the batch with or without
+                          its history. The same probability per prompt; a dropped batch is
+                          short, where a mixed one is padded to its longest prompt.
 
 Step modes. Under a curriculum or the two-step order the steps of one run differ in the
 prompt they build and in the part of the trainable tree they train: a `StepMode` per step,
@@ -49,6 +53,8 @@ SCHEDULES = ("constant", "warmup_cosine")
 CURRICULA = ("none", "linear")
 _STREAM_CURRICULUM = 37       # hash stream of the curriculum's draws (data.sampling)
 _STREAM_HISTORY_DROP = 41     # hash stream of history_drop's draws
+_STREAM_HISTORY_DROP_BATCH = 43   # ... and of its per-batch draws
+HISTORY_DROP_UNITS = ("example", "batch")
 
 
 def validate_options(cfg) -> None:
@@ -73,6 +79,9 @@ def validate_options(cfg) -> None:
     bad("two_step_steps", cfg.two_step_steps, "must be >= 0")
   if not 0.0 <= float(cfg.history_drop) < 1.0:
     bad("history_drop", cfg.history_drop, "must be in [0, 1)")
+  if cfg.history_drop_unit not in HISTORY_DROP_UNITS:
+    bad("history_drop_unit", cfg.history_drop_unit,
+        f"must be one of {', '.join(HISTORY_DROP_UNITS)}")
   staged = cfg.curriculum != "none" or int(cfg.two_step_steps) > 0
   if cfg.curriculum != "none" and int(cfg.two_step_steps) > 0:
     bad("two_step_steps", cfg.two_step_steps,
@@ -88,13 +97,18 @@ def validate_options(cfg) -> None:
 
 
 def drop_history(history: np.ndarray, p: float, seed: int, epoch: int,
-                 example_ids: np.ndarray) -> np.ndarray:
+                 example_ids: np.ndarray, batch_index: int | None = None) -> np.ndarray:
   """history_drop: `history` (int[B, H], 0 = absent) with every item of a row removed
-  with probability p, a pure function of (seed, epoch, example id)."""
+  with probability p, a pure function of (seed, epoch, example id); with `batch_index`
+  (history_drop_unit="batch"), of (seed, epoch, batch index), for all rows at once."""
   if not p:
     return history
-  u = (sampling.hash_u64(_STREAM_HISTORY_DROP, seed, epoch, np.asarray(example_ids))
-       >> np.uint64(11)) * 2.0 ** -53
+  if batch_index is None:
+    keys = sampling.hash_u64(_STREAM_HISTORY_DROP, seed, epoch, np.asarray(example_ids))
+  else:
+    keys = sampling.hash_u64(_STREAM_HISTORY_DROP_BATCH, seed, epoch,
+                             np.full(len(history), batch_index, np.int64))
+  u = (keys >> np.uint64(11)) * 2.0 ** -53
   return np.where((u < p)[:, None], 0, history).astype(history.dtype)
 
 

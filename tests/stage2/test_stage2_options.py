@@ -84,7 +84,8 @@ def test_defaults_are_the_papers_adam():
 @pytest.mark.parametrize("field,value", [
     ("schedule", "cosine"), ("warmup_frac", 1.0), ("grad_accum", 0),
     ("curriculum", "exp"), ("curriculum_frac", 0.0), ("two_step_steps", -1),
-    ("two_step_steps", 3), ("history_drop", 1.0), ("history_drop", -0.1)])
+    ("two_step_steps", 3), ("history_drop", 1.0), ("history_drop", -0.1),
+    ("history_drop_unit", "user")])
 def test_bad_values_are_one_line_errors_naming_the_field(field, value):
   overrides = {field: value, "train_lora": True}
   if field == "two_step_steps" and value > 0:
@@ -196,6 +197,25 @@ def test_drop_history_draws():
                                 out[::7])
   assert (options_lib.drop_history(hist, 0.3, 0, 1, ids) != out).any()
   assert (options_lib.drop_history(hist, 0.3, 1, 0, ids) != out).any()
+
+
+def test_drop_history_per_batch():
+  """history_drop_unit="batch": every row of a batch keeps or loses its history together,
+  a function of (seed, epoch, batch index); over many batches a fraction p is dropped."""
+  hist = np.arange(1, 4 * 5 + 1).reshape(4, 5)
+  ids = np.arange(4)
+  draws = []
+  for j in range(2000):
+    out = options_lib.drop_history(hist, 0.5, 0, 0, ids + 4 * j, batch_index=j)
+    gone = (out == 0).all(1)
+    assert gone.all() or (out == hist).all(), out
+    np.testing.assert_array_equal(
+        options_lib.drop_history(hist, 0.5, 0, 0, ids, batch_index=j), out)
+    draws.append(gone.all())
+  assert abs(np.mean(draws) - 0.5) < 0.04
+  other = [(options_lib.drop_history(hist, 0.5, 0, 1, ids, batch_index=j) == 0).all()
+           for j in range(200)]
+  assert other != draws[:200]
 
 
 # ---------------------------------------------------------------------------- two-step
