@@ -19,8 +19,6 @@ paper named in its docstring) with:
   stage2.eval_every = 500          validation ranking of 200 seeded users (20 stored
                           candidates) in metrics.jsonl, TensorBoard and
                           stage2/learning_curve.png
-  stage2.history_drop_unit = "example"  (ml100k.py: batch) at one prompt width a dropped
-                          batch is no shorter; each prompt draws for itself
   eval.max_users = 943             every test user (paper: up to 10,000)
   eval.diagnostics = user_shuffled,context_shuffled  (ml100k.py: user_shuffled)
 
@@ -42,7 +40,6 @@ def get_config():
   c.stage2.eval_every = 500
   c.stage2.eval_users = 200
   c.stage2.ckpt_every = 250
-  c.stage2.history_drop_unit = "example"  # one prompt width: per-batch drops save nothing
   c.eval.max_users = 943               # every test user
   c.eval.diagnostics = "user_shuffled,context_shuffled"
   return c
