@@ -44,11 +44,11 @@ and stage 1 and their CPU-budget settings are those of configs/ml100k_paper.py.
                           the user? (add context_shuffled for another user's x_u and
                           history as well: 1.5 more minutes)
 
-Measured (docs/results.md, 200 test users): 300 steps, seed 0: hit@1 0.365, generation
-0.360, 0.145 with another user's x_u (drop 0.220), 29.8 min on a 2-core AVX512-BF16 CPU
-(setup done). 400 steps, seeds 0 / 1: hit@1 0.335 / 0.335, generation 0.315 / 0.315, drop
-0.180 / 0.215 (SASRec 0.555 / 0.535, a popularity count 0.230, chance 0.05); on a fresh
-clone 34.6 min.
+Measured (docs/results.md, 200 test users): 300 steps, seeds 0 / 1: hit@1 0.365 / 0.310,
+generation 0.360 / 0.295, 0.145 / 0.120 with another user's x_u (drop 0.220 / 0.190); seed
+1 on a fresh clone, setup included, 27.7 min on a 2-core AVX512-BF16 CPU. 400 steps, seeds
+0 / 1: hit@1 0.335 / 0.335, generation 0.315 / 0.315, drop 0.180 / 0.215 (SASRec 0.555 /
+0.535, a popularity count 0.230, chance 0.05); on a fresh clone 34.6 min.
 """
 
 from configs import ml100k_paper
