@@ -9,12 +9,14 @@ glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) has malloc advise trans
 pages for its mappings: 2-MiB pages, 512 times fewer faults. Tunables are read when a
 process starts, so `reexec_with_huge_pages()` runs the launcher's own command line again,
 once, with the tunable added to GLIBC_TUNABLES, before the launcher has done any work. On a
-2-core AVX512-BF16 CPU the stage-2 step went 2.47 -> 2.04 s (benchmarks/bench_stage2.py,
-bfloat16 operands, median of 8 steps); evaluation batches, which allocate less, unchanged.
+2-core AVX512-BF16 CPU the main command's CF stage took 1:08 instead of 1:53 and stage 1
+3:17 instead of 3:41; its stage-2 steps kept their time (14:05 for 300 steps against 14:14),
+although a tight loop of stage-2 steps alone alternates 1.65 s and 3.85 s steps under it
+(2.3 s steady without it).
 
-Tried and not used: keeping freed memory in glibc's heap (mallopt: one arena, no mmap, no
-trimming) was as fast, but fragmentation took the main command from 7 to 17.6 GB resident.
-tcmalloc (LD_PRELOAD) was faster still (1.87 s) but is a system library, not a wheel.
+Measured in that tight loop and not used: glibc keeping freed memory in its heap (one
+arena, no mmap, no trimming) 1.9 s per step, but fragmentation took the main command from
+7 to 17.6 GB resident; tcmalloc (LD_PRELOAD) 1.7 s, a system library rather than a wheel.
 
 Nothing happens off Linux, on another C library or glibc < 2.35, where the kernel's
 transparent huge pages are "never", where GLIBC_TUNABLES already sets the tunable, or with
