@@ -73,9 +73,13 @@ def wanted(environ=None) -> bool:
 def reexec_with_huge_pages() -> None:
   """Replaces the process by the same command line with `glibc.malloc.hugetlb=1` in
   GLIBC_TUNABLES (same pid, so signals and schedulers see no change); returns without
-  doing anything when `wanted()` is False. Call it first thing in a launcher's main."""
-  if not wanted():
-    return
+  doing anything when `wanted()` is False. Call it first thing in a launcher's main; a bad
+  ALLMREC_HOST_MALLOC ends the process with its one-line message."""
+  try:
+    if not wanted():
+      return
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   os.environ["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, f"{TUNABLE}=1") if t)
   sys.stdout.flush()

@@ -391,7 +391,8 @@ def run_arms(config, workdir: str | os.PathLike, arms: list[str], *, out_path: s
            "train_candidates": TRAIN_CANDIDATES, "train_history": TRAIN_HISTORY,
            "positions_per_user": cfg.positions_per_user, "schedule": cfg.schedule,
            "train_lora": bool(cfg.train_lora), "lora_targets": config.llm.lora_targets,
-           "history_drop": float(cfg.history_drop), "user_match_weight":
+           "history_drop": float(cfg.history_drop),
+           "history_drop_unit": cfg.history_drop_unit, "user_match_weight":
            float(cfg.user_match_weight), "user_match_batch": n_match,
            "eval_split": "valid", "eval_users": len(es.users),
            "eval_users_digest": digest(es.users), "user_rep_digest": digest(eval_rep),

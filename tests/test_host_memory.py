@@ -75,3 +75,7 @@ def test_large_blocks_fault_in_huge_pages():
 def test_unknown_mode_is_refused():
   with pytest.raises(ValueError, match=host_memory.ENV):
     host_memory.wanted({host_memory.ENV: "tcmalloc"})
+  p = subprocess.run([sys.executable, "-c", _REEXEC], env=_env(**{host_memory.ENV: "x"}),
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith(f"{host_memory.ENV}='x'"), p.stderr
