@@ -63,7 +63,7 @@ def bucket_length(n: int, multiple: int = DEFAULT_PROMPT_BUCKET) -> int:
 
 
 def _init_cache(module: Any, batch: int, max_len: int, dtype: Any) -> PyTree:
-  """An empty KV cache {"layers": ({"k","v"}: [B,S,Hkv,Dh], ...), "end": int32[]}."""
+  """An empty KV cache {"layers": ({"k","v"}: [B,Hkv,S,Dh], ...), "end": int32[]}."""
   return module.init_cache(batch, max_len, dtype)
 
 
@@ -111,12 +111,14 @@ def prefill(module: Any, params: PyTree, ids: Array | None, embeds: Array | None
     float[B, E] of the prompt (slot P-1), the cache with end = P).
   """
   b, p = mask.shape
-  cache = _init_cache(module, b, cache_len, dtype)
+  # end = the Python 0: the layers know statically that the cache is empty and attend over
+  # the prompt's P slots only (layers/attention.py), not over the whole window.
+  cache = {**_init_cache(module, b, cache_len, dtype), "end": 0}
   window = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(mask)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   _, aux = module.apply(params, input_ids=ids, inputs_embeds=embeds, attention_mask=window,
                         positions=positions, cache=cache, compute_logits=False)
-  return window, aux["hidden"][:, -1], aux["cache"]
+  return window, aux["hidden"][:, -1], {**aux["cache"], "end": jnp.asarray(p, jnp.int32)}
 
 
 def lm_logits(module: Any, params: PyTree, hidden: Array) -> Array:

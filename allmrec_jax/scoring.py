@@ -190,7 +190,7 @@ def rank_and_generate_fn(module: Any, params: PyTree, prompt_ids: Array | None,
                            n_valid, p, ids, cmask, candidates_per_pass, lp)
   num_tokens = jnp.sum(cmask, axis=-1).astype(jnp.int32)
   # Decoding needs p + n slots only: the prompt's cache, cut to that window.
-  gen_cache = {"layers": jax.tree.map(lambda x: x[:, :p + n], cache["layers"]),
+  gen_cache = {"layers": jax.tree.map(lambda x: x[:, :, :p + n], cache["layers"]),
                "end": cache["end"]}
   gen_window = window[:, :p + n]
   seen = generate_lib.prompt_seen(prompt_ids, pmask, logits.shape[-1])

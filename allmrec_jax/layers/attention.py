@@ -1,10 +1,16 @@
 """Multi-head / grouped-query self-attention with a KV cache; softmax in float32.
 
 KV cache (shared by every decoder): a pytree
-  {"layers": tuple over layers of {"k": float[B, S, Hkv, Dh], "v": float[B, S, Hkv, Dh]},
+  {"layers": tuple over layers of {"k": float[B, Hkv, S, Dh], "v": float[B, Hkv, S, Dh]},
    "end": int32[]}  # slots [0, end) are filled
 created by `init_kv_cache`. A call with T new tokens writes them at slots [end, end + T) and
 returns end + T. The attention mask then covers the whole window: int[B, S], 1 = valid slot.
+A prefill may pass "end" as the Python 0 (`generate.prefill`): the layers then know
+statically that the cache is empty and attend over the T new slots only. The cache is laid
+out heads-first, the layout the score and value matmuls read, so a decoding step reads it
+in place (a [B, S, Hkv, Dh] cache was transposed whole, per layer and step: SmolLM2's
+decoding step at batch 8 took 65 / 94 ms at a 320 / 576-slot window, now 61 / 82, on a
+2-core AVX512-BF16 CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ Cache = dict[str, Any]
 def init_kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                   dtype: ct.DType = jnp.float32) -> Cache:
   """An empty cache of `max_len` slots (end = 0)."""
-  shape = (batch, max_len, num_kv_heads, head_dim)
+  shape = (batch, num_kv_heads, max_len, head_dim)
   layers = tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                  for _ in range(num_layers))
   return {"layers": layers, "end": jnp.zeros((), jnp.int32)}
@@ -52,7 +58,7 @@ def mask_and_positions(attention_mask: ct.Array | None, batch: int, length: int,
   if cache is None:
     window, end = length, jnp.zeros((), jnp.int32)
   else:
-    window, end = cache["layers"][0]["k"].shape[1], cache["end"]
+    window, end = cache["layers"][0]["k"].shape[2], cache["end"]
   if attention_mask is not None and attention_mask.ndim == 3:
     # An explicit pattern (e.g. packed continuations sharing one prompt cache).
     if attention_mask.shape != (batch, length, window):
@@ -103,11 +109,13 @@ def _heads_first(q: ct.Array, hkv: int) -> ct.Array:
   return q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
 
 
-def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> ct.Array:
+def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float, *,
+                    kv_heads_first: bool = False) -> ct.Array:
   """The grouped-query attention probabilities (softmax in float32).
 
   Args:
-    q: float[B, T, H, Dh]; k: float[B, S, Hkv, Dh] with H a multiple of Hkv.
+    q: float[B, T, H, Dh]; k: float[B, S, Hkv, Dh] with H a multiple of Hkv (float[B, Hkv,
+      S, Dh] with `kv_heads_first`, the cache's layout).
     mask: bool[B, T, S].
     scale: multiplies the scores.
 
@@ -116,8 +124,8 @@ def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> c
     A query row with no visible key (a padding query) is uniform over all S keys.
   """
   b, t, h, _ = q.shape
-  hkv = k.shape[2]
-  k = k.astype(q.dtype).transpose(0, 2, 1, 3)                                # [B, Hkv, S, Dh]
+  k = k.astype(q.dtype) if kv_heads_first else k.astype(q.dtype).transpose(0, 2, 1, 3)
+  hkv = k.shape[1]                                                           # [B, Hkv, S, Dh]
   scores = jnp.einsum("bkqd,bksd->bkqs", _heads_first(q, hkv), k,
                       preferred_element_type=jnp.float32) * scale
   scores = scores.reshape(b, hkv, h // hkv, t, -1)
@@ -126,11 +134,12 @@ def attention_probs(q: ct.Array, k: ct.Array, mask: ct.Array, scale: float) -> c
 
 
 def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
-                          scale: float) -> ct.Array:
+                          scale: float, *, kv_heads_first: bool = False) -> ct.Array:
   """Grouped-query attention.
 
   Args:
-    q: float[B, T, H, Dh]; k, v: float[B, S, Hkv, Dh] with H a multiple of Hkv.
+    q: float[B, T, H, Dh]; k, v: float[B, S, Hkv, Dh] with H a multiple of Hkv (float[B,
+      Hkv, S, Dh] with `kv_heads_first`, the cache's layout).
     mask: bool[B, T, S].
     scale: multiplies the scores.
 
@@ -138,10 +147,10 @@ def dot_product_attention(q: ct.Array, k: ct.Array, v: ct.Array, mask: ct.Array,
     float[B, T, H, Dh] in q's dtype; softmax in float32.
   """
   b, t, h, d = q.shape
-  hkv = k.shape[2]
-  probs = attention_probs(q, k, mask, scale).astype(q.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, hkv, -1, probs.shape[-1]),
-                   v.astype(q.dtype).transpose(0, 2, 1, 3))
+  probs = attention_probs(q, k, mask, scale, kv_heads_first=kv_heads_first).astype(q.dtype)
+  hkv = probs.shape[1]
+  v = v.astype(q.dtype) if kv_heads_first else v.astype(q.dtype).transpose(0, 2, 1, 3)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, hkv, -1, probs.shape[-1]), v)
   return out.reshape(b, hkv, h // hkv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -192,13 +201,20 @@ class Attention(nn.Module):
       k = rotary.apply_rotary(k, cos, sin)
     q = nn.with_logical_constraint(q, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
     new_cache = None
-    if layer_cache is not None:
-      kc = lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, end, 0, 0))
-      vc = lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, end, 0, 0))
-      new_cache = {"k": kc, "v": vc}
-      k, v = kc, vc
     scale = self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
-    out = dot_product_attention(q, k, v, mask, scale)
+    if layer_cache is None:
+      out = dot_product_attention(q, k, v, mask, scale)
+    else:                               # the T new slots written heads-first at [end, end + T)
+      put = lambda c, x: lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                  (0, 0, end, 0))
+      new_cache = {"k": put(layer_cache["k"], k), "v": put(layer_cache["v"], v)}
+      if isinstance(end, int) and end == 0:
+        # A cache known to be empty (a prefill: end is the Python 0): the T new slots are
+        # the only ones a query can see, so it attends over those, not the whole window.
+        out = dot_product_attention(q, k, v, mask[:, :, :x.shape[1]], scale)
+      else:
+        out = dot_product_attention(q, new_cache["k"], new_cache["v"], mask, scale,
+                                    kv_heads_first=True)
     out = nn.with_logical_constraint(out, (ct.ACT_BATCH, ct.ACT_LEN, ct.ACT_HEADS, None))
     y = DenseGeneral((e,), (ct.HEADS, ct.KV, ct.EMBED), num_contract=2, use_bias=self.out_bias,
                      **kw("o"))(out)

@@ -101,7 +101,8 @@ class DenseGeneral(nn.Module):
 
   def _lora_delta(self, x: ct.Array, in_shape: tuple[int, ...],
                   features: tuple[int, ...]) -> ct.Array:
-    """(alpha / rank) * (x . A) . B in `dtype` (the adapter matmuls are rank-thin)."""
+    """(alpha / rank) * (x . A) . B in `dtype` (the adapter matmuls are rank-thin), with
+    `matmul_dtype` operands when the layer's own matmul takes them."""
     r, nc = self.lora_rank, self.num_contract
     axes = tuple(self.kernel_axes)
     a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
@@ -111,9 +112,17 @@ class DenseGeneral(nn.Module):
         names=axes[:nc] + (None,))).value
     b = self.variable("lora", "b", lambda: nn.LogicallyPartitioned(
         jnp.zeros((r,) + features, self.param_dtype), names=(None,) + axes[nc:])).value
-    contract_x = tuple(range(x.ndim - nc, x.ndim))
-    h = lax.dot_general(x, a.astype(self.dtype), ((contract_x, tuple(range(nc))), ((), ())))
-    y = lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+    if is_low_precision(self.matmul_dtype, self.dtype):
+      # The same operand rounding as the frozen projection beside it: on a 2-core
+      # AVX512-BF16 CPU the stage-2 step with q/k/v/o adapters 2.40 -> 2.26 s.
+      lead = x.shape[:x.ndim - nc]
+      mm = low_precision_dense(jnp.dtype(self.matmul_dtype))
+      h = mm(x.reshape(lead + (math.prod(in_shape),)), a.reshape(math.prod(in_shape), r))
+      y = mm(h, b.reshape(r, math.prod(features))).reshape(lead + features).astype(self.dtype)
+    else:
+      contract_x = tuple(range(x.ndim - nc, x.ndim))
+      h = lax.dot_general(x, a.astype(self.dtype), ((contract_x, tuple(range(nc))), ((), ())))
+      y = lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
     return (self.lora_alpha / r) * y
 
 
