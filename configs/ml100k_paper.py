@@ -43,6 +43,9 @@ def get_config():
   c.stage1.num_epochs = 50        # small dataset: 10 epochs = 160 steps do not align (paper: 10)
   c.cf.grad_splits = 4               # CPU speed, same objective: SASRec's gradient as four
                                      #   row blocks XLA:CPU runs side by side (~1.15x)
+  c.cf.ckpt_every = 20               # checkpoint cadence (not a method setting): every 20 of
+  c.stage1.checkpoint_every = 160    #   the 200 CF epochs and 10 of the 50 stage-1 epochs
+                                     #   (160 steps); per-epoch saves cost stage 1 ~30 s here
   c.sbert.matmul_dtype = "auto"      # CPU budget: bfloat16 operands where native (paper: float32)
   c.llm.matmul_dtype = "auto"        # CPU budget; the paper's LLM runs in float16 (base: float32)
   c.stage2.num_epochs = 1         # CPU budget (paper: 5)
