@@ -14,6 +14,11 @@ once, with the tunable added to GLIBC_TUNABLES, before the launcher has done any
 although a tight loop of stage-2 steps alone alternates 1.65 s and 3.85 s steps under it
 (2.3 s steady without it).
 
+Stage 2 and its evaluation run without them: `stop_huge_pages()` (prctl
+PR_SET_THP_DISABLE) keeps the process from faulting in further huge pages, and the same
+tight loop runs 2.26-2.31 s every step (mean 2.27 s against 2.75 under huge pages, 2.29
+without the tunable).
+
 Measured in that tight loop and not used: glibc keeping freed memory in its heap (one
 arena, no mmap, no trimming) 1.9 s per step, but fragmentation took the main command from
 7 to 17.6 GB resident; tcmalloc (LD_PRELOAD) 1.7 s, a system library rather than a wheel.
@@ -85,3 +90,20 @@ def reexec_with_huge_pages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execv(sys.executable, list(sys.orig_argv))
+
+
+PR_SET_THP_DISABLE = 41
+
+
+def stop_huge_pages() -> bool:
+  """Keeps this process from faulting in new transparent huge pages from now on (Linux
+  prctl PR_SET_THP_DISABLE; pages already mapped stay). Called before stage 2, whose
+  temporaries alternate fast and slow steps under huge pages. Returns True when the kernel
+  took the setting; off Linux, or with ALLMREC_HOST_MALLOC=default, does nothing."""
+  if os.environ.get(ENV) == "default" or not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
+  except (OSError, AttributeError):
+    return False

@@ -33,7 +33,7 @@ and stage 1 and their CPU-budget settings are those of configs/ml100k_paper.py.
                           so the answer has only [UserRep] to read the user from: without
                           it the LLM reads the user from the history tokens alone (shuffling
                           x_u cost 0.045-0.065 hit@1; docs/results.md)
-  stage2.max_steps = 200, num_epochs = 100 (paper: 5 epochs of batch 4)  a step budget
+  stage2.max_steps = 250, num_epochs = 100 (paper: 5 epochs of batch 4)  a step budget
   stage2.lr = 1e-3                 (paper: 1e-4)
   stage2.schedule = "warmup_cosine"  (paper: constant)  linear warmup over 5% of the steps,
                           then a cosine decay to 0 (LLaRA's schedule): +0.035 hit@1 on
@@ -67,7 +67,7 @@ def get_config():
   c.llm.lora_targets = "q,k,v,o"       # LoRA on every attention projection (base: q,v)
   c.stage2.history_drop = 0.5          # x_u must carry the user (paper: 0)
   c.stage2.num_epochs = 100            # bounded by max_steps
-  c.stage2.max_steps = 200             # CPU budget (paper: 5 epochs at batch 4)
+  c.stage2.max_steps = 250             # CPU budget (paper: 5 epochs at batch 4)
   c.stage2.lr = 1e-3                   # (paper: 1e-4)
   c.stage2.schedule = "warmup_cosine"  # (paper: constant)
   c.stage2.ckpt_every = 100

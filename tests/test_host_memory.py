@@ -79,3 +79,13 @@ def test_unknown_mode_is_refused():
                      capture_output=True, text=True, timeout=120, check=False)
   assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
   assert p.stderr.strip().splitlines()[-1].startswith(f"{host_memory.ENV}='x'"), p.stderr
+
+
+@needs_huge_pages
+def test_stop_huge_pages_returns_to_small_pages():
+  """Under the tunable, after stop_huge_pages() a large block faults in 4-KiB pages again."""
+  stop = "from allmrec_jax import host_memory\nassert host_memory.stop_huge_pages()\n"
+  after = json.loads(_run(stop + _PROBE, _env(GLIBC_TUNABLES=f"{host_memory.TUNABLE}=1")))
+  assert all(f >= after["pages"] for f in after["faults"]), after
+  off = "from allmrec_jax import host_memory\nprint(host_memory.stop_huge_pages())\n"
+  assert _run(off, _env(**{host_memory.ENV: "default"})).strip() == "False"

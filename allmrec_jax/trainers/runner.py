@@ -21,6 +21,7 @@ from absl import logging
 import numpy as np
 
 from allmrec_jax import config_lib
+from allmrec_jax import host_memory
 from allmrec_jax import run_config
 from allmrec_jax import sharding
 from allmrec_jax.data import prepare
@@ -43,6 +44,8 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   if out_path.exists():
     logging.info("stage2: %s exists; skipping (delete it to re-evaluate)", out_path)
     return json.loads(out_path.read_text())
+  if host_memory.stop_huge_pages():   # stage 2's steps run steadier without (host_memory.py)
+    logging.info("stage2: no further transparent huge pages for this process")
   baselines = baselines_lib.baselines_of(config)
   run = stage2_run_lib.make_stage2_run(config, workdir, ds, cf_model=cf_model,
                                        cf_params=cf_params, item_tables=item_tables,
