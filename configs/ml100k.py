@@ -34,6 +34,7 @@ and stage 1 and their CPU-budget settings are those of configs/ml100k_paper.py.
                           it the LLM reads the user from the history tokens alone (shuffling
                           x_u cost 0.045-0.065 hit@1; docs/results.md)
   stage2.max_steps = 250, num_epochs = 100 (paper: 5 epochs of batch 4)  a step budget
+                          (200 steps fell below the main command's hit@1 bar on seed 0)
   stage2.lr = 1e-3                 (paper: 1e-4)
   stage2.schedule = "warmup_cosine"  (paper: constant)  linear warmup over 5% of the steps,
                           then a cosine decay to 0 (LLaRA's schedule): +0.035 hit@1 on
@@ -44,11 +45,12 @@ and stage 1 and their CPU-budget settings are those of configs/ml100k_paper.py.
                           the user? (add context_shuffled for another user's x_u and
                           history as well: 1.5 more minutes)
 
-Measured (docs/results.md, 200 test users): 300 steps, seeds 0 / 1: hit@1 0.365 / 0.310,
-generation 0.360 / 0.295, 0.145 / 0.120 with another user's x_u (drop 0.220 / 0.190); seed
-1 on a fresh clone, setup included, 27.7 min on a 2-core AVX512-BF16 CPU. 400 steps, seeds
-0 / 1: hit@1 0.335 / 0.335, generation 0.315 / 0.315, drop 0.180 / 0.215 (SASRec 0.555 /
-0.535, a popularity count 0.230, chance 0.05); on a fresh clone 34.6 min.
+Measured (docs/results.md, 200 test users, fresh clone, setup included, a 2-core
+AVX512-BF16 CPU): 250 steps, seeds 0 / 1: hit@1 0.305 / 0.300, generation 0.305 / 0.300,
+0.145 / 0.120 with another user's x_u (drop 0.160 / 0.180), 23.1 / 23.1 min (SASRec 0.560 /
+0.540, a popularity count 0.230, LLM-Only 0.045 / generation 0.035, chance 0.05). 200
+steps: hit@1 0.245 / 0.315 (seed 0 below the bar); 300 steps: 0.365 / 0.310 (27.7 min
+before the evaluation and LoRA speed-ups).
 """
 
 from configs import ml100k_paper
