@@ -14,8 +14,8 @@ once, with the tunable added to GLIBC_TUNABLES, before the launcher has done any
 although a tight loop of stage-2 steps alone alternates 1.65 s and 3.85 s steps under it
 (2.3 s steady without it).
 
-Stage 2 and its evaluation run without them: `stop_huge_pages()` (prctl
-PR_SET_THP_DISABLE) keeps the process from faulting in further huge pages, and the same
+Stage 2 and its evaluation run without them: inside `huge_pages_stopped()` (prctl
+PR_SET_THP_DISABLE) the process faults in no further huge pages, and the same
 tight loop runs 2.26-2.31 s every step (mean 2.27 s against 2.75 under huge pages, 2.29
 without the tunable).
 
@@ -30,6 +30,7 @@ ALLMREC_HOST_MALLOC=default.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pathlib
@@ -92,18 +93,27 @@ def reexec_with_huge_pages() -> None:
   os.execv(sys.executable, list(sys.orig_argv))
 
 
-PR_SET_THP_DISABLE = 41
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 
 
-def stop_huge_pages() -> bool:
-  """Keeps this process from faulting in new transparent huge pages from now on (Linux
-  prctl PR_SET_THP_DISABLE; pages already mapped stay). Called before stage 2, whose
-  temporaries alternate fast and slow steps under huge pages. Returns True when the kernel
-  took the setting; off Linux, or with ALLMREC_HOST_MALLOC=default, does nothing."""
-  if os.environ.get(ENV) == "default" or not sys.platform.startswith("linux"):
-    return False
+@contextlib.contextmanager
+def huge_pages_stopped():
+  """Within the block this process faults in no new transparent huge pages (Linux prctl
+  PR_SET_THP_DISABLE; pages already mapped stay, and children started inside inherit the
+  setting); the previous setting is restored on exit. Stage 2 runs inside it: its
+  temporaries alternate fast and slow steps under huge pages. Off Linux, or with
+  ALLMREC_HOST_MALLOC=default, does nothing. Yields True when the kernel took the setting."""
+  libc = None
+  if os.environ.get(ENV) != "default" and sys.platform.startswith("linux"):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      before = libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)
+      if before < 0 or libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        libc = None
+    except (OSError, AttributeError):
+      libc = None
   try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
-  except (OSError, AttributeError):
-    return False
+    yield libc is not None
+  finally:
+    if libc is not None:
+      libc.prctl(PR_SET_THP_DISABLE, before, 0, 0, 0)

@@ -82,10 +82,18 @@ def test_unknown_mode_is_refused():
 
 
 @needs_huge_pages
-def test_stop_huge_pages_returns_to_small_pages():
-  """Under the tunable, after stop_huge_pages() a large block faults in 4-KiB pages again."""
-  stop = "from allmrec_jax import host_memory\nassert host_memory.stop_huge_pages()\n"
-  after = json.loads(_run(stop + _PROBE, _env(GLIBC_TUNABLES=f"{host_memory.TUNABLE}=1")))
+def test_huge_pages_stopped_returns_to_small_pages_then_restores():
+  """Under the tunable, inside huge_pages_stopped() a large block faults in 4-KiB pages
+  again; on exit the process's previous setting is back."""
+  inside = ("from allmrec_jax import host_memory\n"
+            "with host_memory.huge_pages_stopped() as s:\n  assert s\n"
+            + "".join(f"  {line}\n" for line in _PROBE.splitlines()))
+  after = json.loads(_run(inside, _env(GLIBC_TUNABLES=f"{host_memory.TUNABLE}=1")))
   assert all(f >= after["pages"] for f in after["faults"]), after
-  off = "from allmrec_jax import host_memory\nprint(host_memory.stop_huge_pages())\n"
+  restored = ("import ctypes\nfrom allmrec_jax import host_memory\nlibc = ctypes.CDLL(None)\n"
+              "with host_memory.huge_pages_stopped():\n  print(libc.prctl(42, 0, 0, 0, 0))\n"
+              "print(libc.prctl(42, 0, 0, 0, 0))\n")
+  assert _run(restored, _env()).split() == ["1", "0"]
+  off = ("from allmrec_jax import host_memory\n"
+         "with host_memory.huge_pages_stopped() as s:\n  print(s)\n")
   assert _run(off, _env(**{host_memory.ENV: "default"})).strip() == "False"

@@ -44,8 +44,17 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   if out_path.exists():
     logging.info("stage2: %s exists; skipping (delete it to re-evaluate)", out_path)
     return json.loads(out_path.read_text())
-  if host_memory.stop_huge_pages():   # stage 2's steps run steadier without (host_memory.py)
-    logging.info("stage2: no further transparent huge pages for this process")
+  with host_memory.huge_pages_stopped() as stopped:   # steadier steps (host_memory.py)
+    if stopped:
+      logging.info("stage2: no new transparent huge pages until it ends")
+    return _train_and_evaluate_stage2(config, workdir, ds, cf_model=cf_model,
+                                      cf_params=cf_params, item_tables=item_tables,
+                                      mesh=mesh, rules=rules)
+
+
+def _train_and_evaluate_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
+                               item_tables, mesh, rules) -> dict:
+  out_path = workdir / "stage2" / "metrics.json"
   baselines = baselines_lib.baselines_of(config)
   run = stage2_run_lib.make_stage2_run(config, workdir, ds, cf_model=cf_model,
                                        cf_params=cf_params, item_tables=item_tables,
