@@ -47,14 +47,14 @@ def run_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
   with host_memory.huge_pages_stopped() as stopped:   # steadier steps (host_memory.py)
     if stopped:
       logging.info("stage2: no new transparent huge pages until it ends")
-    return _train_and_evaluate_stage2(config, workdir, ds, cf_model=cf_model,
+    return _train_and_evaluate_stage2(config, workdir, ds, out_path, cf_model=cf_model,
                                       cf_params=cf_params, item_tables=item_tables,
                                       mesh=mesh, rules=rules)
 
 
-def _train_and_evaluate_stage2(config, workdir: pathlib.Path, ds, *, cf_model, cf_params,
-                               item_tables, mesh, rules) -> dict:
-  out_path = workdir / "stage2" / "metrics.json"
+def _train_and_evaluate_stage2(config, workdir: pathlib.Path, ds, out_path: pathlib.Path, *,
+                               cf_model, cf_params, item_tables, mesh, rules) -> dict:
+  """`run_stage2`'s work once it is known not to be done; writes `out_path`."""
   baselines = baselines_lib.baselines_of(config)
   run = stage2_run_lib.make_stage2_run(config, workdir, ds, cf_model=cf_model,
                                        cf_params=cf_params, item_tables=item_tables,
